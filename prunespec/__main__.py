@@ -1,0 +1,5 @@
+"""`python -m prunespec` runs the command line."""
+
+from prunespec.cli import main
+
+main()

@@ -1,0 +1,309 @@
+"""The pruning spec: typed msgspec Structs, compact index runs, canonical JSON, reading and writing.
+
+Start with `PruningSpec`: it is the whole file format. The JSON Schema in `prunespec.schema.json` is generated from
+these Structs (`python -m prunespec schema`), and a test fails when the two drift apart.
+
+A spec is keyed only by the qualified names of `model.named_modules()` and `model.state_dict()`. Indices are written
+as *runs*: ``"0-4,7,9-11"`` means ``[0, 1, 2, 3, 4, 7, 9, 10, 11]`` in that order, so a reordered list such as
+``"5-7,0-4"`` stays short. `to_json` writes one layer per block, in model order, so that a textual diff of two
+specs shows which layers changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from prunespec.errors import SpecError
+
+SCHEMA_VERSION = "1.0"
+# Earlier versions this reader can migrate; see `_migrate`.
+KNOWN_VERSIONS = ("1.0",)
+# An index above this is not a channel of any real model; refusing it early keeps hostile files cheap to reject.
+MAX_INDEX = 2**31 - 1
+
+_RUNS_PATTERN = r"^$|^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$"
+IndexRuns = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=_RUNS_PATTERN,
+        description="Channel indices as comma-separated runs: '0-4,7' is [0, 1, 2, 3, 4, 7], in that order.",
+    ),
+]
+TensorType = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[a-z0-9_]+\[([0-9]+(,[0-9]+)*)?\]$",
+        description="dtype and shape of a tensor, e.g. 'float32[64,3,7,7]'.",
+    ),
+]
+
+
+class _Struct(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False):
+    pass
+
+
+class InputInfo(_Struct):
+    """One example input the spec was planned with."""
+
+    shape: list[Annotated[int, msgspec.Meta(ge=0)]]
+    dtype: str
+
+
+class ChannelRequest(_Struct):
+    """Channels of one tensor that the user asked to prune."""
+
+    tensor: str
+    channels: IndexRuns
+
+
+class Request(_Struct):
+    """What the user asked for: pruned consumer inputs, pruned producer outputs, and the export mode."""
+
+    pruned_inputs: list[ChannelRequest]
+    pruned_outputs: list[ChannelRequest]
+    constrained: bool
+    reorder: bool
+    zeroed: bool = msgspec.field(default=False)
+    """True when the channels were found as all-zero weights rather than listed."""
+
+
+class KeptChannels(_Struct):
+    """Requested channels the planner kept, and why (principle 6: the spec is honest)."""
+
+    tensor: str
+    side: Literal["input", "output"]
+    channels: IndexRuns
+    reason: str
+
+
+class Subselection(_Struct):
+    """An activation subselection (a gather) in front of a consumer.
+
+    `channels` is the size of the pruned input activation along the consumer's channel axis; `indices` are the
+    positions in it that the consumer reads, in the order of its pruned weight.
+    """
+
+    channels: Annotated[int, msgspec.Meta(ge=0)]
+    indices: IndexRuns
+
+
+class LayerSpec(_Struct):
+    """Everything the applier does to one module.
+
+    `tensors` maps the module's own parameter and buffer names to the kept indices per axis (``null`` for an axis
+    that is not touched). `attributes` are the module attributes to set (``in_channels``, ``groups``, ...).
+    """
+
+    type: str
+    attributes: dict[str, Annotated[int, msgspec.Meta(ge=0)]] = msgspec.field(default_factory=dict)
+    tensors: dict[str, list[IndexRuns | None]] = msgspec.field(default_factory=dict)
+    input: Subselection | None = None
+
+
+class Summary(_Struct):
+    """Size of the model before and after pruning (multiply-accumulates for the example inputs)."""
+
+    parameters_before: int
+    parameters_after: int
+    macs_before: int
+    macs_after: int
+    subselections: int
+
+
+class PruningSpec(_Struct):
+    """A compiled pruning request for one model: what to keep, per tensor and axis, and where to gather.
+
+    >>> spec = PruningSpec(model="Net", inputs=[], request=Request([], [], False, True),
+    ...                    summary=Summary(10, 8, 100, 80, 0), layers={}, fingerprint={})
+    >>> load_spec_bytes(spec.to_json()) == spec
+    True
+    """
+
+    model: str
+    inputs: list[InputInfo]
+    request: Request
+    summary: Summary
+    layers: dict[str, LayerSpec]
+    fingerprint: dict[str, TensorType]
+    kept: list[KeptChannels] = msgspec.field(default_factory=list)
+    schema_version: str = SCHEMA_VERSION
+    generator: str = "prunespec"
+
+    def to_json(self) -> bytes:
+        """Canonical JSON: the same spec always gives the same bytes."""
+        return canonical_json(_ordered(self)).encode()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the spec atomically: either the whole file appears, or the old one stays."""
+        write_atomic(path, self.to_json())
+
+
+def _ordered(spec: PruningSpec) -> dict[str, Any]:
+    """Builtins in reading order: version first, the long fingerprint last."""
+    data = msgspec.to_builtins(spec)
+    head = ["schema_version", "generator", "model", "inputs", "request", "summary", "kept", "layers"]
+    return {key: data[key] for key in head + [k for k in data if k not in head]}
+
+
+# ---------------------------------------------------------------------------------------------- index runs
+
+
+def encode_runs(indices: Sequence[int]) -> str:
+    """Write indices as runs of consecutive ascending integers.
+
+    >>> encode_runs([0, 1, 2, 3, 7, 9, 10, 5])
+    '0-3,7,9-10,5'
+    >>> encode_runs([])
+    ''
+    """
+    parts: list[str] = []
+    i = 0
+    n = len(indices)
+    while i < n:
+        j = i
+        while j + 1 < n and indices[j + 1] == indices[j] + 1:
+            j += 1
+        parts.append(str(indices[i]) if i == j else f"{indices[i]}-{indices[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def decode_runs(runs: str, where: str = "indices") -> list[int]:
+    """Read runs back into a list; `where` names the field in error messages.
+
+    >>> decode_runs('0-3,7,9-10,5')
+    [0, 1, 2, 3, 7, 9, 10, 5]
+    >>> decode_runs('4-2')
+    Traceback (most recent call last):
+    ...
+    prunespec.errors.SpecError: indices: run '4-2' must go upwards (write it as '2-4' or list the indices)
+    """
+    if not re.fullmatch(_RUNS_PATTERN, runs):
+        raise SpecError(f"{where}: {runs[:40]!r} is not a list of index runs like '0-4,7'")
+    out: list[int] = []
+    if not runs:
+        return out
+    for part in runs.split(","):
+        start, _, stop = part.partition("-")
+        lo = int(start)
+        hi = int(stop) if stop else lo
+        if hi > MAX_INDEX:
+            raise SpecError(f"{where}: index {hi} is too large")
+        if stop and hi <= lo:
+            raise SpecError(f"{where}: run {part!r} must go upwards (write it as '{hi}-{lo}' or list the indices)")
+        out.extend(range(lo, hi + 1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- JSON text
+
+
+def canonical_json(value: Any, indent: int = 0) -> str:
+    """Stable, diff-friendly JSON: containers of scalars on one line, everything else one item per line.
+
+    >>> print(canonical_json({"a": {"w": ["0-3", None]}, "b": [1, 2]}))
+    {
+      "a": {"w": ["0-3", null]},
+      "b": [1, 2]
+    }
+    """
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        if _flat(value.values()):
+            return "{" + ", ".join(f"{json.dumps(k)}: {canonical_json(v)}" for k, v in value.items()) + "}"
+        pad = "  " * (indent + 1)
+        items = [f"{pad}{json.dumps(k)}: {canonical_json(v, indent + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + "  " * indent + "}"
+    if isinstance(value, list):
+        if _flat(value):
+            return "[" + ", ".join(canonical_json(v) for v in value) + "]"
+        pad = "  " * (indent + 1)
+        return "[\n" + ",\n".join(pad + canonical_json(v, indent + 1) for v in value) + "\n" + "  " * indent + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _flat(values) -> bool:
+    """A container goes on one line when it holds only scalars, or lists of scalars."""
+    return all(
+        not isinstance(v, (dict, list)) or (isinstance(v, list) and not any(isinstance(x, (dict, list)) for x in v))
+        for v in values
+    )
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, so a failure leaves no partial file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if not data.endswith(b"\n"):
+                f.write(b"\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def load_spec(path: str | os.PathLike) -> PruningSpec:
+    """Read a spec file. Never executes code: JSON only. Raises `SpecError` on anything unreadable."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise SpecError(f"cannot read spec {str(path)!r}: {e.strerror or e}") from None
+    return load_spec_bytes(data, source=str(path))
+
+
+def load_spec_bytes(data: bytes, source: str = "spec") -> PruningSpec:
+    """Parse, check the schema version, migrate older versions, and validate every field."""
+    try:
+        raw = msgspec.json.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"{source} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: the top level must be a JSON object with a 'schema_version' field")
+    raw = _migrate(raw, source)
+    try:
+        return msgspec.convert(raw, type=PruningSpec)
+    except msgspec.ValidationError as e:
+        raise SpecError(f"{source}: {e}") from None
+
+
+def _migrate(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Bring an older spec up to `SCHEMA_VERSION`; refuse newer majors with the version that would read them."""
+    version = raw.get("schema_version")
+    if not isinstance(version, str) or not re.fullmatch(r"[0-9]+\.[0-9]+", version):
+        raise SpecError(f"{source}: 'schema_version' must be a string like {SCHEMA_VERSION!r}, got {version!r}")
+    major, minor = (int(p) for p in version.split("."))
+    ours_major, ours_minor = (int(p) for p in SCHEMA_VERSION.split("."))
+    if major > ours_major or (major == ours_major and minor > ours_minor):
+        raise SpecError(
+            f"{source}: schema_version {version} is newer than this prunespec reads ({SCHEMA_VERSION}); "
+            f"upgrade prunespec to a release that writes schema {major}.x"
+        )
+    if version not in KNOWN_VERSIONS:
+        raise SpecError(f"{source}: unknown schema_version {version}; known versions are {', '.join(KNOWN_VERSIONS)}")
+    return raw
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a spec file, generated from the Structs above."""
+    schema = msgspec.json.schema(PruningSpec)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = f"prunespec pruning spec, schema version {SCHEMA_VERSION}"
+    return schema
+
+
+SCHEMA_PATH = Path(__file__).with_name("prunespec.schema.json")
