@@ -95,7 +95,7 @@ class Subselection(_Struct):
     indices: IndexRuns
 
 
-class LayerSpec(_Struct):
+class LayerSpec(_Struct, omit_defaults=True):
     """Everything the applier does to one module.
 
     `tensors` maps the module's own parameter and buffer names to the kept indices per axis (``null`` for an axis

@@ -1,0 +1,98 @@
+"""The planner: trace a model once and compile a pruning request into a `PruningSpec`.
+
+The pipeline is one file per stage, read in this order: `trace` (with the per-op rules in `ops`) builds a
+`graph.ChannelGraph`; `resolve` decides which channels go; `reorder` chooses their order; `compile` writes the
+spec. `plan` below runs them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from prunespec.errors import PlanError, nearest
+from prunespec.planner.compile import channel_requests, compile_spec
+from prunespec.planner.graph import ChannelGraph
+from prunespec.planner.reorder import Layout
+from prunespec.planner.resolve import resolve
+from prunespec.planner.trace import trace
+from prunespec.schemas import PruningSpec, Request
+
+Channels = Iterable[tuple[str, int]]
+
+
+def plan(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    pruned_inputs: Channels | None = None,
+    pruned_outputs: Channels | None = None,
+    constrained: bool = False,
+    reorder: bool = True,
+) -> PruningSpec:
+    """Compile "remove these channels" into a spec for `model`.
+
+    Args:
+        model: the model; it is run once on `example_inputs` and left as it was.
+        example_inputs: tensors passed as ``model(*example_inputs)``.
+        pruned_inputs: ``(weight name, input channel)`` pairs of consumers (convolutions, linear layers).
+        pruned_outputs: ``(weight name, output channel)`` pairs of producers; the channel goes everywhere.
+        constrained: grow the removed set until no activation has to be gathered at run time.
+        reorder: permute channels so that gathers become slices where possible.
+
+    With neither `pruned_inputs` nor `pruned_outputs`, the channels whose weights are all zero are pruned.
+
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    >>> spec = plan(net, [torch.rand(1, 3, 8, 8)], pruned_inputs=[("2.weight", 5)])
+    >>> spec.layers["0"].tensors, spec.layers["2"].tensors
+    ({'weight': ['0-4,6-7'], 'bias': ['0-4,6-7']}, {'weight': [None, '0-4,6-7']})
+    """
+    inputs = [example_inputs] if isinstance(example_inputs, torch.Tensor) else list(example_inputs)
+    graph = trace(model, inputs)
+    zeroed = pruned_inputs is None and pruned_outputs is None
+    if zeroed:
+        pruned_inputs, pruned_outputs = zeroed_channels(model, graph)
+    requested_inputs = _requests(pruned_inputs or [], {c.weight: len(c.slots) for c in graph.consumers}, "input")
+    requested_outputs = _requests(pruned_outputs or [], {p.weight: len(p.slots) for p in graph.producers}, "output")
+    resolution = resolve(graph, requested_inputs, requested_outputs, constrained)
+    order = [name for name, _ in model.named_parameters()]
+    request = Request(
+        pruned_inputs=channel_requests(requested_inputs, order),
+        pruned_outputs=channel_requests(requested_outputs, order),
+        constrained=constrained,
+        reorder=reorder,
+        zeroed=zeroed,
+    )
+    return compile_spec(model, inputs, graph, resolution, Layout(graph, resolution, reorder), request)
+
+
+def _requests(pairs: Channels, sizes: dict[str, int], side: str) -> dict[str, set[int]]:
+    """Group (name, channel) pairs by name, checking names and ranges."""
+    role = "consumer" if side == "input" else "producer"
+    grouped: dict[str, set[int]] = {}
+    for pair in pairs:
+        try:
+            name, channel = pair
+        except (TypeError, ValueError):
+            raise PlanError(f"pruned {side}s must be (weight name, channel) pairs, got {pair!r}") from None
+        if name not in sizes:
+            raise PlanError(
+                f"{name!r} is not the weight of a {role} (convolution or linear layer) used in forward; "
+                + nearest(str(name), sizes)
+            )
+        if not isinstance(channel, int) or isinstance(channel, bool) or not 0 <= channel < sizes[name]:
+            raise PlanError(f"{name}: {side} channel {channel!r} is out of range; it has channels 0-{sizes[name] - 1}")
+        grouped.setdefault(name, set()).add(channel)
+    return grouped
+
+
+def zeroed_channels(model: torch.nn.Module, graph: ChannelGraph) -> tuple[list, list]:
+    """Consumer input channels and producer output channels whose weights are entirely zero."""
+    tensors = dict(model.named_parameters())
+    inputs, outputs = [], []
+    for records, found in ((graph.consumers, inputs), (graph.producers, outputs)):
+        for name, axis in dict.fromkeys((r.weight, r.axis) for r in records):
+            w = tensors[name].detach().movedim(axis, 0)
+            zero = (w.reshape(w.shape[0], -1) == 0).all(dim=1)
+            found += [(name, int(i)) for i in torch.nonzero(zero).flatten()]
+    return inputs, outputs

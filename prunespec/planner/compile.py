@@ -1,0 +1,168 @@
+"""Compile: turn a resolved, laid-out channel graph into a `PruningSpec` keyed by module and tensor names.
+
+Start with `compile_spec`. For every tensor axis that runs along channels it writes the kept indices in their new
+order; for every consumer whose weight reads fewer channels than its input holds it writes an activation
+subselection; then the attributes each module needs (from the applier's rule for that module type), the request,
+the notes on kept channels, a fingerprint of the model and a summary of parameters and MACs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from prunespec.applier.rules import rule_for
+from prunespec.errors import PlanError
+from prunespec.planner.graph import ChannelGraph
+from prunespec.planner.reorder import Layout
+from prunespec.planner.resolve import Resolution
+from prunespec.schemas import (
+    ChannelRequest,
+    InputInfo,
+    KeptChannels,
+    LayerSpec,
+    PruningSpec,
+    Request,
+    Subselection,
+    Summary,
+    encode_runs,
+)
+
+
+def compile_spec(
+    model: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    graph: ChannelGraph,
+    resolution: Resolution,
+    layout: Layout,
+    request: Request,
+) -> PruningSpec:
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    kept: dict[str, dict[int, list[int]]] = defaultdict(dict)  # tensor name -> axis -> kept indices in order
+    gathers: dict[str, Subselection] = {}  # module name -> subselection of its input
+
+    for binding in graph.bindings:
+        indices = layout.positions(binding.slots)
+        earlier = kept[binding.tensor].setdefault(binding.axis, indices)
+        if earlier != indices:
+            raise PlanError(f"{binding.tensor} axis {binding.axis} would need two different channel orders")
+
+    for ci, consumer in enumerate(graph.consumers):
+        present = layout.positions(consumer.slots)
+        order = {p: i for i, p in enumerate(present)}
+        columns = [p for p in present if p in resolution.columns[ci]]
+        kept[consumer.weight][consumer.axis] = columns
+        reads = [order[p] for p in columns]
+        if reads != list(range(len(present))):
+            gathers[_module_of(consumer.weight)] = Subselection(len(present), encode_runs(reads))
+
+    new_shapes = {name: _shape(tensors[name], axes) for name, axes in kept.items()}
+    layers = _layers(model, tensors, kept, new_shapes, gathers)
+    return PruningSpec(
+        model=type(model).__name__,
+        inputs=[InputInfo(list(x.shape), _dtype(x)) for x in inputs],
+        request=request,
+        summary=_summary(model, graph, tensors, new_shapes, len(gathers)),
+        layers=layers,
+        fingerprint={name: f"{_dtype(t)}[{','.join(map(str, t.shape))}]" for name, t in model.state_dict().items()},
+        kept=[KeptChannels(n.tensor, n.side, encode_runs(n.channels), n.reason) for n in resolution.notes],
+        generator=f"prunespec {_version()}",
+    )
+
+
+def _layers(model, tensors, kept, new_shapes, gathers) -> dict[str, LayerSpec]:
+    """One LayerSpec per touched module, in `named_modules()` order; untouched axes are left out."""
+    touched: dict[str, dict[str, list[str | None]]] = defaultdict(dict)
+    for name, axes in kept.items():
+        t = tensors[name]
+        runs: list[str | None] = [None] * (max(axes) + 1)
+        for axis, indices in axes.items():
+            if indices != list(range(t.shape[axis])):
+                runs[axis] = encode_runs(indices)
+        while runs and runs[-1] is None:
+            runs.pop()
+        if runs:
+            touched[_module_of(name)][name.rpartition(".")[2]] = runs
+    layers = {}
+    for module_name, module in model.named_modules():
+        if module_name not in touched and module_name not in gathers:
+            continue
+        own = {local: new_shapes.get(_join(module_name, local), tuple(t.shape)) for local, t in _own(module)}
+        layers[module_name] = LayerSpec(
+            type=type(module).__name__,
+            attributes=_attributes(module, own),
+            tensors=dict(sorted(touched.get(module_name, {}).items(), key=lambda kv: _own_order(module, kv[0]))),
+            input=gathers.get(module_name),
+        )
+    return layers
+
+
+def _summary(model, graph: ChannelGraph, tensors, new_shapes, subselections: int) -> Summary:
+    params = {id(p): (name, p) for name, p in model.named_parameters()}.values()
+    before = sum(p.numel() for _, p in params)
+    after = sum(math.prod(new_shapes.get(name, p.shape)) for name, p in params)
+    macs_before = macs_after = 0
+    for m in graph.macs:
+        old = tensors[m.weight].shape
+        new = new_shapes.get(m.weight, old)
+        macs_before += m.unit * old[0] * old[1]
+        macs_after += m.unit * new[0] * new[1]
+    return Summary(before, after, macs_before, macs_after, subselections)
+
+
+def _shape(t: torch.Tensor, axes: dict[int, list[int]]) -> tuple[int, ...]:
+    return tuple(len(axes[a]) if a in axes else n for a, n in enumerate(t.shape))
+
+
+def _own(module: torch.nn.Module):
+    yield from ((k, v) for k, v in module._parameters.items() if v is not None)
+    yield from ((k, v) for k, v in module._buffers.items() if v is not None)
+
+
+def _own_order(module: torch.nn.Module, local: str) -> int:
+    return [k for k, _ in _own(module)].index(local)
+
+
+def _module_of(tensor_name: str) -> str:
+    return tensor_name.rpartition(".")[0]
+
+
+def _join(module_name: str, local: str) -> str:
+    return f"{module_name}.{local}" if module_name else local
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _version() -> str:
+    from prunespec import __version__
+
+    return __version__
+
+
+def channel_requests(pairs: dict[str, set[int]], order: list[str]) -> list[ChannelRequest]:
+    """Requested channels per tensor, in model order, as runs."""
+    rank = {name: i for i, name in enumerate(order)}
+    return [ChannelRequest(name, encode_runs(sorted(pairs[name]))) for name in sorted(pairs, key=rank.__getitem__)]
+
+
+def _attributes(module, shapes):
+    import torch.nn as nn
+    if isinstance(module, nn.modules.conv._ConvNd):
+        w = shapes["weight"]
+        dw = module.groups == module.in_channels == module.out_channels and module.groups > 1
+        if module.transposed:
+            cin, cout = w[0], w[1] * (w[0] if dw else module.groups)
+        else:
+            cout, cin = w[0], w[1] * (w[0] if dw else module.groups)
+        return {"in_channels": cin, "out_channels": cout, "groups": w[0] if dw else module.groups}
+    if isinstance(module, nn.Linear):
+        return {"in_features": shapes["weight"][1], "out_features": shapes["weight"][0]}
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return {"num_features": next(iter(shapes.values()))[0]}
+    return {}

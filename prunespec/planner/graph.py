@@ -1,0 +1,134 @@
+"""The channel graph: the small data model that tracing produces and resolve / reorder read.
+
+Start with `Slots`. Every channel of every traced tensor is labelled with a *slot*; ops that tie channels together
+(an addition, a batch norm, a depthwise convolution) merge slots, so in the end each slot is one channel that is
+kept or removed as a whole, in every tensor it appears in. A slot can be *pinned*: kept whatever the request,
+because something reads it that the planner cannot follow (an unknown op, the model output, a grouped convolution).
+
+The rest are plain records: a `Producer` creates new slots (its output channels), a `Consumer` reads slots through
+its weight's input axis, a `Binding` says that one axis of a parameter or buffer runs along a list of slots (a bias,
+a batch-norm statistic, a layer scale), and `Macs` counts work for the summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class Slots:
+    """Union-find over channel slots, with a reason for each pinned slot.
+
+    >>> slots = Slots()
+    >>> a, b = slots.new(2), slots.new(2)
+    >>> slots.union_all(a, b)
+    >>> slots.find(a[1]) == slots.find(b[1]), slots.find(a[0]) == slots.find(b[1])
+    (True, False)
+    >>> slots.pin([b[0]], "reaches the model output")
+    >>> slots.pinned(a[0]), slots.pinned(a[1])
+    ('reaches the model output', None)
+    """
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.reason: dict[int, str] = {}  # root -> why the slot is pinned
+
+    def new(self, n: int, pin: str | None = None) -> list[int]:
+        start = len(self.parent)
+        ids = list(range(start, start + n))
+        self.parent.extend(ids)
+        if pin is not None:
+            for s in ids:
+                self.reason[s] = pin
+        return ids
+
+    def find(self, s: int) -> int:
+        parent = self.parent
+        root = s
+        while parent[root] != root:
+            root = parent[root]
+        while parent[s] != root:  # path compression keeps later look-ups flat
+            parent[s], s = root, parent[s]
+        return root
+
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        if rb < ra:  # the older slot stays the root, so roots follow model order
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        if rb in self.reason:
+            self.reason.setdefault(ra, self.reason.pop(rb))
+        return ra
+
+    def union_all(self, a: list[int], b: list[int]) -> None:
+        if a is b:
+            return
+        for x, y in zip(a, b):
+            if x != y:
+                self.union(x, y)
+
+    def pin(self, slots, reason: str) -> None:
+        for s in slots:
+            self.reason.setdefault(self.find(s), reason)
+
+    def pinned(self, s: int) -> str | None:
+        return self.reason.get(self.find(s))
+
+    def roots(self, slots: list[int]) -> list[int]:
+        return [self.find(s) for s in slots]
+
+
+@dataclass(frozen=True)
+class ChannelMap:
+    """Which slot each channel of a tensor carries, along one axis."""
+
+    axis: int
+    slots: list[int]
+
+
+@dataclass
+class Producer:
+    """An op that creates channels: its weight's output axis runs along new slots."""
+
+    weight: str  # parameter name, e.g. "layer1.0.conv1.weight"
+    axis: int  # the weight's output-channel axis
+    slots: list[int]
+
+
+@dataclass
+class Consumer:
+    """An op that reads channels through its weight's input axis; column i of the weight reads `slots[i]`."""
+
+    weight: str
+    axis: int  # the weight's input-channel axis
+    slots: list[int]
+    fixed: str | None = None  # why this consumer cannot drop inputs, if it cannot
+
+
+@dataclass
+class Binding:
+    """Axis `axis` of tensor `tensor` (a parameter or buffer name) runs along `slots`."""
+
+    tensor: str
+    axis: int
+    slots: list[int]
+
+
+@dataclass
+class Macs:
+    """Multiply-accumulates of one call: `unit` times the product of the weight's first two dimensions."""
+
+    weight: str
+    unit: int
+
+
+@dataclass
+class ChannelGraph:
+    """Everything tracing learned about a model, in trace order."""
+
+    slots: Slots = field(default_factory=Slots)
+    producers: list[Producer] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+    bindings: list[Binding] = field(default_factory=list)
+    macs: list[Macs] = field(default_factory=list)

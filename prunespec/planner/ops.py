@@ -1,0 +1,423 @@
+"""Per-op channel rules: how each torch function moves, mixes or creates channels.
+
+`RULES` maps an op's name (as `TorchFunctionMode` sees it: ``conv2d``, ``add_``, ``__getitem__``) to a rule
+``rule(tracer, args, kwargs, out)`` that labels `out` with a `ChannelMap` and records producers, consumers and
+bindings in the tracer's graph. Start reading at `conv`, then `elementwise`.
+
+The one safety rule: a rule that cannot say exactly where every output channel comes from calls `opaque`, which
+pins the slots of all inputs (they are kept) and leaves the output unlabelled. An unlabelled tensor is treated as
+fixed-size wherever it meets labelled channels, so nothing downstream of it is pruned either.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from prunespec.planner.graph import Binding, ChannelMap, Consumer, Macs, Producer
+
+if TYPE_CHECKING:
+    from prunespec.planner.trace import Tracer
+
+Rule = Callable[["Tracer", tuple, dict, Any], None]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*names: str) -> Callable[[Rule], Rule]:
+    def register(fn: Rule) -> Rule:
+        for name in names:
+            RULES[name] = fn
+        return fn
+
+    return register
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default=None):
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def opaque(tr: Tracer, args, kwargs, out, why: str | None = None) -> None:
+    """Keep every channel that flows in; the output carries no channel information."""
+    outputs = _tensors(out)
+    if not outputs:
+        return  # sizes, dtypes, flags: nothing flows on
+    why = why or f"passes through '{tr.current_op}', which the planner does not follow"
+    tr.pin_inputs(args, kwargs, why)
+    for t in outputs:
+        tr.set(t, None, why.replace("passes through", "comes from", 1) if why.startswith("passes") else why)
+
+
+# ------------------------------------------------------------------------------------------ producers/consumers
+
+
+def _input_slots(tr: Tracer, x: torch.Tensor, axis: int) -> list[int]:
+    """The slots a weight reads from `x` along `axis`; fresh pinned slots if `x` is not labelled there."""
+    cmap = tr.channels(x)
+    if cmap is not None and cmap.axis == axis:
+        return cmap.slots
+    if cmap is not None:
+        tr.slots.pin(cmap.slots, "is read along another axis than its channels")
+    return tr.slots.new(x.shape[axis], pin=tr.why_unlabelled(x))
+
+
+def _mix(tr: Tracer, weight: str, bias, x, out, in_axis: int, out_axis: int, x_axis: int, y_axis: int, fixed=None):
+    """Record a weight that mixes all input channels into new output channels (a producer and a consumer)."""
+    reads = _input_slots(tr, x, x_axis)
+    if fixed:
+        tr.slots.pin(reads, fixed)
+    tr.graph.consumers.append(Consumer(weight, in_axis, reads, fixed))
+    made = tr.slots.new(out.shape[y_axis], pin=fixed)
+    tr.graph.producers.append(Producer(weight, out_axis, made))
+    tr.graph.bindings.append(Binding(weight, out_axis, made))
+    _bind_bias(tr, bias, made)
+    tr.set(out, ChannelMap(y_axis, made))
+
+
+def _bind_bias(tr: Tracer, bias, slots: list[int]) -> None:
+    if bias is None:
+        return
+    name = tr.name(bias)
+    if name is None:
+        tr.slots.pin(slots, "has a bias that is not a parameter of the model")
+    else:
+        tr.graph.bindings.append(Binding(name, 0, slots))
+
+
+@rule("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+def conv(tr: Tracer, args, kwargs, out) -> None:
+    """Convolutions: a producer and a consumer when `groups == 1`, a per-channel user when depthwise.
+
+    The weight is ``[out, in/groups, *k]``, or ``[in, out/groups, *k]`` for transposed convolutions.
+    """
+    x, weight, bias = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    name = tr.name(weight)
+    if name is None:
+        return opaque(tr, args, kwargs, out, "is convolved with a weight that is not a model parameter")
+    tr.calls[name] += 1
+    transposed = "transpose" in tr.current_op
+    c_in, c_out = x.shape[1], out.shape[1]
+    in_axis, out_axis = (0, 1) if transposed else (1, 0)
+    groups = c_out // weight.shape[1] if transposed else c_in // weight.shape[1]
+    kernel = math.prod(weight.shape[2:])
+    unit = (x.numel() // c_in if transposed else out.numel() // c_out) * kernel
+    tr.graph.macs.append(Macs(name, unit))
+    if groups == 1:
+        return _mix(tr, name, bias, x, out, in_axis, out_axis, 1, 1)
+    if groups == c_in == c_out:
+        cmap = tr.channels(x)
+        if cmap is None or cmap.axis != 1:
+            return opaque(tr, args, kwargs, out)
+        tr.graph.bindings.append(Binding(name, 0, cmap.slots))
+        _bind_bias(tr, bias, cmap.slots)
+        return tr.set(out, cmap)
+    _mix(tr, name, bias, x, out, in_axis, out_axis, 1, 1, fixed=f"{name} is a grouped convolution (groups={groups})")
+
+
+@rule("linear")
+def linear(tr: Tracer, args, kwargs, out) -> None:
+    """A linear layer mixes the last axis: weight ``[out, in]``."""
+    x, weight, bias = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    name = tr.name(weight)
+    if name is None:
+        return opaque(tr, args, kwargs, out, "is multiplied by a weight that is not a model parameter")
+    tr.calls[name] += 1
+    tr.graph.macs.append(Macs(name, out.numel() // out.shape[-1]))
+    _mix(tr, name, bias, x, out, 1, 0, x.ndim - 1, out.ndim - 1)
+
+
+@rule("batch_norm")
+def batch_norm(tr: Tracer, args, kwargs, out) -> None:
+    """Batch norm keeps channels one to one; its statistics and affine parameters follow them."""
+    x = _arg(args, kwargs, 0, "input")
+    cmap = tr.channels(x)
+    if cmap is None or cmap.axis != 1:
+        return opaque(tr, args, kwargs, out)
+    names = ("running_mean", "running_var", "weight", "bias")
+    for i, key in enumerate(names, start=1):
+        t = _arg(args, kwargs, i, key)
+        if t is None:
+            continue
+        name = tr.name(t)
+        if name is None:
+            tr.slots.pin(cmap.slots, "is normalised with statistics that are not model tensors")
+        else:
+            tr.graph.bindings.append(Binding(name, 0, cmap.slots))
+    tr.set(out, cmap)
+
+
+# ------------------------------------------------------------------------------------------ element-wise
+
+
+@rule(
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "true_divide", "where", "maximum", "minimum",
+    "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
+    "__truediv__", "__rtruediv__", "__itruediv__", "clamp", "clamp_", "clip", "pow", "__pow__",
+)  # fmt: skip
+def elementwise(tr: Tracer, args, kwargs, out) -> None:
+    """Broadcasting element-wise ops tie the channels of all their full-size operands together.
+
+    A model parameter that broadcasts along the channel axis (a layer scale) is bound to the channels; any other
+    full-size tensor without labels (a constant made in forward) cannot shrink, so the channels are pinned.
+    """
+    if not isinstance(out, torch.Tensor):
+        return opaque(tr, args, kwargs, out)
+    operands = _tensors((args, kwargs))
+    labelled = [(t, tr.channels(t)) for t in operands if tr.channels(t) is not None]
+    axes = {cmap.axis + out.ndim - t.ndim for t, cmap in labelled}
+    if not labelled:
+        return tr.set(out, None)
+    if len(axes) > 1:
+        return opaque(tr, args, kwargs, out, "is combined with a tensor whose channels lie on another axis")
+    axis = axes.pop()
+    size = out.shape[axis]
+    slots = None
+    for t, cmap in labelled:
+        if t.shape[cmap.axis] != size:
+            tr.slots.pin(cmap.slots, "is broadcast across channels")
+        elif slots is None:
+            slots = cmap.slots
+        else:
+            tr.slots.union_all(slots, cmap.slots)
+    if slots is None:
+        return tr.set(out, None)
+    for t in operands:
+        if tr.channels(t) is not None:
+            continue
+        t_axis = axis - (out.ndim - t.ndim)
+        if t_axis < 0 or t.shape[t_axis] == 1:
+            continue  # broadcasts over the channels: nothing to slice
+        name = tr.name(t)
+        if name is None:
+            tr.slots.pin(slots, "is combined with a fixed-size tensor made in forward")
+        else:
+            tr.graph.bindings.append(Binding(name, t_axis, slots))
+    tr.set(out, ChannelMap(axis, slots))
+
+
+@rule(
+    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "sigmoid", "sigmoid_", "tanh", "tanh_", "silu", "hardswish",
+    "hardsigmoid", "gelu", "elu", "selu", "celu", "leaky_relu", "mish", "softplus", "neg", "abs", "exp", "log",
+    "sqrt", "rsqrt", "square", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+    "feature_alpha_dropout", "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to",
+)  # fmt: skip
+def same(tr: Tracer, args, kwargs, out) -> None:
+    """Ops that keep every channel where it is: the output carries the first argument's labels."""
+    x = args[0] if args else None
+    cmap = tr.channels(x)
+    if cmap is None or not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        return opaque(tr, args, kwargs, out) if cmap is not None else _untrack(tr, out, x)
+    tr.set(out, cmap)
+
+
+def _untrack(tr: Tracer, out, source=None) -> None:
+    """Outputs of an unlabelled tensor stay unlabelled, and inherit the reason it is."""
+    why = tr.why_unlabelled(source) if isinstance(source, torch.Tensor) else None
+    for t in _tensors(out):
+        tr.set(t, None, why)
+
+
+@rule(
+    "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+    "adaptive_max_pool3d", "max_pool2d_with_indices", "lp_pool2d", "interpolate", "upsample", "pad",
+)  # fmt: skip
+def spatial(tr: Tracer, args, kwargs, out) -> None:
+    """Pooling, resizing and padding act on the spatial axes only; channels stay at axis 1."""
+    x = _arg(args, kwargs, 0, "input")
+    cmap = tr.channels(x)
+    if cmap is None:
+        return _untrack(tr, out, x)
+    results = _tensors(out)
+    if cmap.axis != 1 or any(t.ndim != x.ndim or t.shape[1] != x.shape[1] for t in results):
+        return opaque(tr, args, kwargs, out, "is padded or resized along its channels")
+    for t in results:
+        tr.set(t, cmap)
+
+
+# ------------------------------------------------------------------------------------------ structure
+
+
+@rule("cat", "concat", "concatenate")
+def cat(tr: Tracer, args, kwargs, out) -> None:
+    """Concatenation along the channel axis lays the parts' channels end to end; along another axis it ties them."""
+    parts = list(_arg(args, kwargs, 0, "tensors"))
+    dim = _arg(args, kwargs, 1, "dim", 0) % out.ndim
+    maps = [tr.channels(t) for t in parts]
+    if all(m is None for m in maps):
+        return tr.set(out, None)
+    axes = {m.axis for m in maps if m is not None}
+    if axes == {dim}:
+        slots: list[int] = []
+        for t, m in zip(parts, maps):
+            slots += m.slots if m is not None else tr.slots.new(t.shape[dim], pin="is concatenated untracked")
+        return tr.set(out, ChannelMap(dim, slots))
+    if len(axes) == 1 and all(m is not None for m in maps):
+        axis = axes.pop()
+        for m in maps[1:]:
+            tr.slots.union_all(maps[0].slots, m.slots)
+        return tr.set(out, ChannelMap(axis, maps[0].slots))
+    opaque(tr, args, kwargs, out, "is concatenated with tensors the planner cannot line up")
+
+
+@rule("flatten")
+def flatten(tr: Tracer, args, kwargs, out) -> None:
+    """Flattening from the channel axis repeats each channel's label over the dimensions merged into it."""
+    x = _arg(args, kwargs, 0, "input")
+    cmap = tr.channels(x)
+    if cmap is None:
+        return _untrack(tr, out, x)
+    start = _arg(args, kwargs, 1, "start_dim", 0) % max(x.ndim, 1)
+    end = _arg(args, kwargs, 2, "end_dim", -1) % max(x.ndim, 1)
+    tr.set(out, _flattened(tr, x, cmap, start, end, args, kwargs, out))
+
+
+def _flattened(tr: Tracer, x, cmap: ChannelMap, start: int, end: int, args, kwargs, out) -> ChannelMap | None:
+    a = cmap.axis
+    if end < a:
+        return ChannelMap(a - (end - start), cmap.slots)
+    if start > a or start == end:
+        return cmap
+    if start == a:
+        inner = math.prod(x.shape[a + 1 : end + 1])
+        return ChannelMap(a, [s for s in cmap.slots for _ in range(inner)])
+    opaque(tr, args, kwargs, out, "is flattened together with the axes before its channels")
+    return None
+
+
+@rule("view", "reshape")
+def reshape(tr: Tracer, args, kwargs, out) -> None:
+    """Only shape-preserving views and ``x.view(n, -1)``-style flattening, with the size left to ``-1``.
+
+    A size written as a number would stay that number after pruning, so anything else is opaque.
+    """
+    x = args[0]
+    cmap = tr.channels(x)
+    if cmap is None:
+        return _untrack(tr, out, x)
+    shape = args[1:] if len(args) > 1 else (kwargs.get("shape") or ())
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = tuple(shape[0])
+    a = cmap.axis
+    if isinstance(out, torch.Tensor) and out.shape == x.shape:
+        return tr.set(out, cmap)
+    flattening = (
+        isinstance(out, torch.Tensor)
+        and out.ndim == a + 1
+        and tuple(out.shape[:a]) == tuple(x.shape[:a])
+        and len(shape) == a + 1
+        and shape[a] == -1
+    )
+    if flattening:
+        return tr.set(out, _flattened(tr, x, cmap, a, x.ndim - 1, args, kwargs, out))
+    opaque(tr, args, kwargs, out, "is reshaped in a way that would not follow pruning")
+
+
+@rule("__getitem__")
+def getitem(tr: Tracer, args, kwargs, out) -> None:
+    """Indexing that takes every channel (``x[:, :, 1:]``, ``x[..., None]``) keeps the labels; anything else is opaque."""
+    x, index = args[0], args[1]
+    cmap = tr.channels(x)
+    if cmap is None:
+        return _untrack(tr, out, x)
+    axis = _index_axis(index, x.ndim, cmap.axis, x.shape[cmap.axis])
+    if axis is None:
+        return opaque(tr, args, kwargs, out, "is indexed or sliced along its channels")
+    tr.set(out, ChannelMap(axis, cmap.slots))
+
+
+def _index_axis(index, ndim: int, axis: int, size: int) -> int | None:
+    """Where the channel axis lands after `tensor[index]`, or None when the index touches channels.
+
+    >>> _index_axis((slice(None), slice(None), 0), 4, 1, 8), _index_axis((Ellipsis, None), 4, 1, 8)
+    (1, 1)
+    >>> _index_axis((slice(None), slice(0, 4)), 4, 1, 8) is None
+    True
+    """
+    items = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, (torch.Tensor, list, bool)) for i in items):
+        return None
+    real = sum(1 for i in items if i is not None and i is not Ellipsis)
+    expanded: list[Any] = []
+    for i in items:
+        expanded += [slice(None)] * (ndim - real) if i is Ellipsis else [i]
+    if Ellipsis not in items:
+        expanded += [slice(None)] * (ndim - real)
+    in_dim = out_dim = 0
+    for i in expanded:
+        if i is None:
+            out_dim += 1
+            continue
+        if in_dim == axis:
+            full = isinstance(i, slice) and i.start in (None, 0) and i.step in (None, 1)
+            if not (full and (i.stop is None or i.stop >= size)):
+                return None
+            return out_dim
+        in_dim += 1
+        out_dim += 0 if isinstance(i, int) else 1
+    return None
+
+
+@rule("mean", "sum", "amax", "amin")
+def reduce(tr: Tracer, args, kwargs, out) -> None:
+    """Reductions over other axes keep the channels; a reduction over the channels mixes them all."""
+    x = args[0]
+    cmap = tr.channels(x)
+    if cmap is None:
+        return _untrack(tr, out, x)
+    dims = _arg(args, kwargs, 1, "dim")
+    keepdim = _arg(args, kwargs, 2, "keepdim", False)
+    if dims is None or not isinstance(out, torch.Tensor):
+        return opaque(tr, args, kwargs, out, "is reduced over its channels")
+    dims = {d % x.ndim for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
+    if cmap.axis in dims:
+        return opaque(tr, args, kwargs, out, "is reduced over its channels")
+    shift = 0 if keepdim else sum(1 for d in dims if d < cmap.axis)
+    tr.set(out, ChannelMap(cmap.axis - shift, cmap.slots))
+
+
+@rule("permute", "transpose", "swapaxes", "unsqueeze", "movedim")
+def move_axes(tr: Tracer, args, kwargs, out) -> None:
+    """Axis moves carry the labels to the channel axis's new position."""
+    x = args[0]
+    cmap = tr.channels(x)
+    if cmap is None:
+        return _untrack(tr, out, x)
+    # Apply the same move to a meta tensor whose only non-1 dimension is the channel axis.
+    shape = [1] * x.ndim
+    shape[cmap.axis] = 2
+    probe = torch.empty(shape, device="meta")
+    moved = getattr(probe, tr.current_op)(*args[1:], **kwargs)
+    axes = [d for d, n in enumerate(moved.shape) if n == 2]
+    if len(axes) != 1 or out.shape[axes[0]] != x.shape[cmap.axis]:
+        return opaque(tr, args, kwargs, out, "is moved in a way the planner cannot follow")
+    tr.set(out, ChannelMap(axes[0], cmap.slots))
+
+
+@rule("softmax", "log_softmax")
+def softmax(tr: Tracer, args, kwargs, out) -> None:
+    """Softmax over another axis keeps the channels; over the channels it mixes them."""
+    x = args[0]
+    cmap = tr.channels(x)
+    if cmap is None:
+        return _untrack(tr, out, x)
+    dim = _arg(args, kwargs, 1, "dim")
+    if dim is None or dim % x.ndim == cmap.axis:
+        return opaque(tr, args, kwargs, out, "goes through a softmax over its channels")
+    tr.set(out, cmap)
+
+
+@rule("__setitem__")
+def setitem(tr: Tracer, args, kwargs, out) -> None:
+    """Writing into a tensor in place changes it in ways the labels cannot describe."""
+    tr.pin_inputs(args, kwargs, "is written in place with __setitem__")
+    tr.set(args[0], None)

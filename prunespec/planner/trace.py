@@ -1,0 +1,117 @@
+"""Tracing: run the model once and record how channels flow, as a `ChannelGraph`.
+
+Start with `trace`. It runs `model(*inputs)` under a `TorchFunctionMode`, so every torch function and tensor method
+the model calls passes through `Tracer.__torch_function__`. There the real op runs, and the rule registered for the
+op's name in `ops.py` labels the output's channels with slots. An op without a rule is *opaque*: the slots of its
+inputs are pinned and its output carries no channel information, so the planner keeps whatever it cannot follow.
+
+Parameters are recognised by identity (`id(tensor)` against `model.named_parameters()`); ids never leave this
+module — the graph speaks in parameter names.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from prunespec.planner import ops
+from prunespec.planner.graph import ChannelGraph, ChannelMap
+
+OUTPUT = "reaches the model output"
+
+
+class Tracer(TorchFunctionMode):
+    """Labels every tensor the model computes with a `ChannelMap`, and fills a `ChannelGraph`."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.graph = ChannelGraph()
+        self.slots = self.graph.slots
+        self.names: dict[int, str] = {}
+        for name, t in model.named_parameters():
+            self.names[id(t)] = name
+        for name, t in model.named_buffers():
+            self.names[id(t)] = name
+        self.current_op = ""  # the name of the op whose rule is running
+        self.calls: Counter[str] = Counter()  # weight name -> number of calls
+        # id -> (tensor, map); holding the tensor keeps its id from being reused during the trace
+        self._maps: dict[int, tuple[torch.Tensor, ChannelMap]] = {}
+        self._why: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.current_op = getattr(func, "__name__", "")
+        ops.RULES.get(self.current_op, ops.opaque)(self, args, kwargs, out)
+        return out
+
+    # ------------------------------------------------------------------ what rules use
+
+    def channels(self, t) -> ChannelMap | None:
+        entry = self._maps.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0] is t else None
+
+    def set(self, t: torch.Tensor, cmap: ChannelMap | None, why: str | None = None) -> None:
+        """Label `t`; with no map, `why` says what made it unfollowable (for the notes on kept channels)."""
+        if cmap is None:
+            self._maps.pop(id(t), None)
+            if why is not None:
+                self._why[id(t)] = (t, why)
+        else:
+            self._maps[id(t)] = (t, cmap)
+
+    def why_unlabelled(self, t: torch.Tensor) -> str:
+        entry = self._why.get(id(t))
+        return entry[1] if entry is not None and entry[0] is t else "comes from a model input or a tensor made in forward"
+
+    def name(self, t) -> str | None:
+        return self.names.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def pin_inputs(self, args, kwargs, reason: str) -> None:
+        for t in tree_leaves((args, kwargs)):
+            cmap = self.channels(t)
+            if cmap is not None:
+                self.slots.pin(cmap.slots, reason)
+
+
+def trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> ChannelGraph:
+    """Run `model(*inputs)` in eval mode without gradients and return its channel graph.
+
+    The model's train/eval modes are restored afterwards; nothing else about it changes.
+
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+    >>> graph = trace(net, [torch.rand(1, 3, 5, 5)])
+    >>> [p.weight for p in graph.producers], [c.weight for c in graph.consumers]
+    (['0.weight', '2.weight'], ['0.weight', '2.weight'])
+    >>> graph.slots.pinned(graph.producers[1].slots[0])  # the last layer writes the output
+    'reaches the model output'
+    """
+    modes = {m: m.training for m in model.modules()}
+    tracer = Tracer(model)
+    try:
+        model.eval()
+        with torch.no_grad(), tracer:
+            out = model(*inputs)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    for t in tree_leaves(out):
+        cmap = tracer.channels(t)
+        if cmap is not None:
+            tracer.slots.pin(cmap.slots, OUTPUT)
+    _pin_shared_weights(tracer.graph, tracer.calls)
+    return tracer.graph
+
+
+def _pin_shared_weights(graph: ChannelGraph, calls: Counter) -> None:
+    """A module called more than once must prune the same way for every call; keep all its channels."""
+    for record in [*graph.consumers, *graph.producers]:
+        if calls[record.weight] > 1:
+            reason = f"{record.weight} is used {calls[record.weight]} times in forward"
+            graph.slots.pin(record.slots, reason)
+            if hasattr(record, "fixed"):
+                record.fixed = reason
