@@ -94,7 +94,7 @@ def _layers(model, tensors, kept, new_shapes, gathers) -> dict[str, LayerSpec]:
         own = {local: new_shapes.get(_join(module_name, local), tuple(t.shape)) for local, t in _own(module)}
         layers[module_name] = LayerSpec(
             type=type(module).__name__,
-            attributes=_attributes(module, own),
+            attributes=rule_for(module).derive(module, own),
             tensors=dict(sorted(touched.get(module_name, {}).items(), key=lambda kv: _own_order(module, kv[0]))),
             input=gathers.get(module_name),
         )
@@ -150,19 +150,3 @@ def channel_requests(pairs: dict[str, set[int]], order: list[str]) -> list[Chann
     rank = {name: i for i, name in enumerate(order)}
     return [ChannelRequest(name, encode_runs(sorted(pairs[name]))) for name in sorted(pairs, key=rank.__getitem__)]
 
-
-def _attributes(module, shapes):
-    import torch.nn as nn
-    if isinstance(module, nn.modules.conv._ConvNd):
-        w = shapes["weight"]
-        dw = module.groups == module.in_channels == module.out_channels and module.groups > 1
-        if module.transposed:
-            cin, cout = w[0], w[1] * (w[0] if dw else module.groups)
-        else:
-            cout, cin = w[0], w[1] * (w[0] if dw else module.groups)
-        return {"in_channels": cin, "out_channels": cout, "groups": w[0] if dw else module.groups}
-    if isinstance(module, nn.Linear):
-        return {"in_features": shapes["weight"][1], "out_features": shapes["weight"][0]}
-    if isinstance(module, nn.modules.batchnorm._NormBase):
-        return {"num_features": next(iter(shapes.values()))[0]}
-    return {}

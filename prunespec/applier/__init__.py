@@ -1,0 +1,29 @@
+"""Apply a pruning spec to a model: check it, emulate it (`mock`), or prune in place (`prune`).
+
+Reading order: `validate.check` (everything a spec must satisfy, and the changes it implies), `prune.prune` (assign
+those changes), `mock.mock` (the same result computed by zeroing instead of removing), and `rules` (one small rule
+per module type, which is where a new layer type is taught). This package imports only torch, msgspec, the
+standard library, `prunespec.schemas` and `prunespec.errors`, never the planner.
+"""
+
+from prunespec.applier.mock import MockPrunedModel, mock
+from prunespec.applier.prune import InputSubselection, prune
+from prunespec.applier.rules import GENERIC, RULES, Rule, register, rule_for
+from prunespec.applier.validate import INDICES_BUFFER, LayerChange, check, describe, fingerprint
+
+__all__ = [
+    "GENERIC",
+    "INDICES_BUFFER",
+    "RULES",
+    "InputSubselection",
+    "LayerChange",
+    "MockPrunedModel",
+    "Rule",
+    "check",
+    "describe",
+    "fingerprint",
+    "mock",
+    "prune",
+    "register",
+    "rule_for",
+]

@@ -1,0 +1,98 @@
+"""Emulate a pruned model without changing it: the reference side of the invariant every test guards.
+
+Start with `mock`. It validates the spec like `prune` does, then wraps the model in `MockPrunedModel`, whose forward
+runs the original model through `torch.func.functional_call` with every pruned entry of every listed tensor set to
+zero. Removing a channel and zeroing all the weights that produce or read it give the same output, so
+
+    prune(copy.deepcopy(model), spec)(x) == mock(model, spec)(x)    (up to summation order)
+
+Only which indices are kept matters here: reordering and activation subselections change where channels sit in
+memory, not what the network computes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunespec.applier.validate import check
+from prunespec.schemas import PruningSpec
+
+
+def mock(model: nn.Module, spec: PruningSpec) -> MockPrunedModel:
+    """Validate `spec` against `model` and return a module that computes what the pruned model would.
+
+    `model` keeps its weights and gets no hooks; gradients of the mock flow to its parameters.
+
+    >>> from prunespec.schemas import LayerSpec, PruningSpec, Request, Summary
+    >>> from prunespec.applier.validate import fingerprint
+    >>> model = nn.Linear(2, 2)
+    >>> spec = PruningSpec(model="Linear", inputs=[], request=Request([], [], False, False),
+    ...     summary=Summary(6, 3, 0, 0, 0), fingerprint=fingerprint(model),
+    ...     layers={"": LayerSpec("Linear", {"out_features": 1}, {"weight": ["1"], "bias": ["1"]})})
+    >>> mock(model, spec)(torch.ones(1, 2))[0, 0].item()
+    0.0
+    """
+    changes = check(model, spec)
+    masks: dict[str, torch.Tensor] = {}
+    for change in changes:
+        module_tensors = {**change.module._parameters, **change.module._buffers}
+        for name, axes in change.kept.items():
+            mask = _mask(module_tensors[name].shape, axes)
+            if mask is not None:
+                masks[f"{change.name}.{name}" if change.name else name] = mask
+    return MockPrunedModel(model, spec, masks)
+
+
+class MockPrunedModel(nn.Module):
+    """`model` with the pruned entries of its tensors zeroed at forward time.
+
+    `.model` is the wrapped model and `.spec` the spec; `.eval()`, `.train()` and `.to()` reach the model, and
+    `.to(device)` moves the masks too.
+    """
+
+    def __init__(self, model: nn.Module, spec: PruningSpec, masks: dict[str, torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        # Buffer names cannot hold dots, so masks are numbered buffers and `_masked` maps each tensor to one.
+        # Non-persistent: the mock's state_dict is the model's. Bool: a float model never casts them.
+        self._masked: dict[str, str] = {}
+        for i, (key, mask) in enumerate(masks.items()):
+            self.register_buffer(f"_mask{i}", mask, persistent=False)
+            self._masked[key] = f"_mask{i}"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        tensors = _named_tensors(self.model)
+        masked = {}
+        for key, buffer in self._masked.items():
+            tensor = tensors[key]
+            # `where` rather than multiplying by zero: a pruned entry that is inf or nan must vanish as it does
+            # from the pruned model. Gradients still reach the kept entries of the original tensor.
+            masked[key] = torch.where(getattr(self, buffer).to(tensor.device), tensor, 0)
+        return torch.func.functional_call(self.model, masked, args, kwargs)
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def _mask(shape: torch.Size, axes: list[list[int] | None]) -> torch.Tensor | None:
+    """A bool tensor that broadcasts against `shape` and is True where an entry is kept on every listed axis.
+
+    >>> _mask(torch.Size([3, 2]), [[2, 0], None]).tolist()
+    [[True], [False], [True]]
+    >>> _mask(torch.Size([3]), [[1, 0, 2]]) is None
+    True
+    """
+    mask = None
+    for axis, kept in enumerate(axes):
+        if kept is None or len(kept) == shape[axis]:  # every index kept, maybe reordered: nothing to zero
+            continue
+        keep = torch.zeros(shape[axis], dtype=torch.bool)
+        keep[kept] = True
+        keep = keep.view([-1 if a == axis else 1 for a in range(len(shape))])
+        mask = keep if mask is None else mask & keep
+    return mask

@@ -1,0 +1,82 @@
+"""Prune a model in place from a spec.
+
+Start with `prune`: it asks `validate.check` for every change first (so a bad spec changes nothing), then swaps in
+the smaller tensors, sets the attributes, and installs `InputSubselection` on consumers that read only some
+channels of their input. The state_dict keys stay the same; only shapes shrink.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from prunespec.applier.validate import INDICES_BUFFER, InputGather, check
+from prunespec.schemas import PruningSpec
+
+
+def prune(model: nn.Module, spec: PruningSpec) -> nn.Module:
+    """Apply `spec` to `model` in place and return it; raise `SpecError` and leave it untouched if it does not fit.
+
+    Pruned parameters are new `nn.Parameter` objects (same `requires_grad`), so build optimizers afterwards.
+
+    >>> from prunespec.schemas import LayerSpec, PruningSpec, Request, Summary
+    >>> from prunespec.applier.validate import fingerprint
+    >>> model = nn.Linear(4, 3)
+    >>> spec = PruningSpec(model="Linear", inputs=[], request=Request([], [], False, False),
+    ...     summary=Summary(15, 10, 0, 0, 0), fingerprint=fingerprint(model),
+    ...     layers={"": LayerSpec("Linear", {"out_features": 2}, {"weight": ["0,2"], "bias": ["0,2"]})})
+    >>> prune(model, spec)
+    Linear(in_features=4, out_features=2, bias=True)
+    """
+    for change in check(model, spec):
+        module = change.module
+        for name, tensor in change.tensors.items():
+            if name in module._parameters:
+                module._parameters[name] = nn.Parameter(tensor, requires_grad=module._parameters[name].requires_grad)
+            else:
+                # Assigning into _buffers keeps the buffer's entry in _non_persistent_buffers_set as it was.
+                module._buffers[name] = tensor
+        change.rule.set_attributes(module, change.attributes)
+        if change.input is not None:
+            _install_subselection(module, change.input)
+    return model
+
+
+class InputSubselection:
+    """A forward pre-hook that makes a consumer read only some channels of its input activation.
+
+    The positions live on the module as the non-persistent buffer `_prunespec_input_indices`, so `.to(device)`
+    moves them and the state_dict keys stay those of the unpruned model. When the positions are one ascending run
+    the hook slices (`narrow`, no copy); otherwise it gathers (`index_select`). It is a plain class rather than a
+    closure so that `torch.save(model)` and `copy.deepcopy` work.
+
+    >>> import torch
+    >>> conv = nn.Conv2d(2, 1, 1)
+    >>> conv.register_buffer(INDICES_BUFFER, torch.tensor([3, 0]), persistent=False)
+    >>> InputSubselection(axis=-3, start=None, length=2)(conv, (torch.arange(4.).view(1, 4, 1, 1),))[0].flatten()
+    tensor([3., 0.])
+    """
+
+    def __init__(self, axis: int, start: int | None, length: int):
+        self.axis = axis
+        self.start = start
+        self.length = length
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x, *rest = args
+        if self.start is not None:
+            x = x.narrow(self.axis, self.start, self.length)
+        else:
+            x = x.index_select(self.axis, getattr(module, INDICES_BUFFER))
+        return (x, *rest)
+
+    def __repr__(self) -> str:
+        how = f"narrow({self.start}, {self.length})" if self.start is not None else f"index_select({self.length})"
+        return f"InputSubselection(axis={self.axis}, {how})"
+
+
+def _install_subselection(module: nn.Module, gather: InputGather) -> None:
+    module.register_buffer(INDICES_BUFFER, gather.indices, persistent=False)
+    module.register_forward_pre_hook(InputSubselection(gather.axis, gather.start, len(gather.indices)))
+

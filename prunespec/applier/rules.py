@@ -1,0 +1,173 @@
+"""Per-module-type rules: what the applier may change on each kind of layer, and how to tell the result is sound.
+
+Start with `Rule`, then `rule_for`. A rule is one small object per module type, found through `RULES` by walking
+the module's MRO, so a subclass of `nn.Conv2d` gets the convolution rule. Any module without a rule gets
+`GENERIC`, which lets a spec slice the module's own parameters and buffers and nothing else.
+
+Adding a layer type (LayerNorm, GroupNorm, PReLU, Embedding, ...) means writing one `Rule` subclass and one
+`register(...)` line at the bottom of this file; `validate` and `prune` do not change.
+
+A rule never sees the module being mutated. It is shown the module *as it would be* after pruning: the attributes
+it accepts (the spec's values over the module's current ones) and all of the module's own tensors (new shapes where
+the spec changes them). It answers with a one-line problem, or None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Rule:
+    """How one module type is pruned. The defaults describe a module with no attributes and no input gather.
+
+    `attributes`: the attribute names a spec may set. `input_axis`: the axis of the input activation that holds
+    channels, for an activation subselection, or None when the module takes none.
+    """
+
+    attributes: frozenset[str] = frozenset()
+    input_axis: int | None = None
+
+    def check(self, attributes: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str | None:
+        """A problem with the pruned module, or None when its attributes agree with its tensor shapes."""
+        return None
+
+    def derive(self, module: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+        """The attributes the planner writes for `module` once its own tensors have `shapes`."""
+        return {}
+
+    def input_channels(self, attributes: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> int:
+        """How many input channels the pruned module reads (the length a subselection must have)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no input subselection")
+
+    def set_attributes(self, module: nn.Module, attributes: Mapping[str, int]) -> None:
+        """Write the spec's attributes onto the module; a rule whose attribute is not a plain int overrides this."""
+        for name, value in attributes.items():
+            setattr(module, name, value)
+
+
+class ConvRule(Rule):
+    """Conv1d/2d/3d and their transposed forms, grouped and depthwise included.
+
+    A convolution's weight is [out, in/groups, *kernel]; a transposed one's is [in, out/groups, *kernel]. Channels
+    sit just before the spatial axes, so a negative input axis serves batched and unbatched inputs alike.
+    """
+
+    attributes = frozenset({"in_channels", "out_channels", "groups"})
+
+    def __init__(self, spatial_dims: int, transposed: bool = False):
+        self.input_axis = -(spatial_dims + 1)
+        self.transposed = transposed
+
+    def check(self, attributes, tensors):
+        in_channels, out_channels, groups = (attributes[k] for k in ("in_channels", "out_channels", "groups"))
+        if groups < 1:
+            return f"attribute 'groups' is {groups}; it must be at least 1"
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if value % groups:
+                return f"attribute '{name}' is {value}, which is not divisible by groups={groups}"
+        weight = tensors["weight"]
+        whole, per_group = ("in_channels", "out_channels") if self.transposed else ("out_channels", "in_channels")
+        if attributes[whole] != weight.shape[0]:
+            return f"attribute '{whole}' is {attributes[whole]} but weight axis 0 has {weight.shape[0]}"
+        if attributes[per_group] != weight.shape[1] * groups:
+            return (
+                f"attribute '{per_group}' is {attributes[per_group]} but weight axis 1 has {weight.shape[1]} "
+                f"per group x groups={groups} = {weight.shape[1] * groups}"
+            )
+        return _sized("bias", tensors, out_channels, "out_channels")
+
+    def input_channels(self, attributes, tensors):
+        return attributes["in_channels"]
+
+    def derive(self, module, shapes):
+        whole, per_group = shapes["weight"][:2]
+        # A depthwise convolution stays depthwise: its groups shrink with its channels.
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        groups = whole if depthwise else module.groups
+        if self.transposed:
+            return {"in_channels": whole, "out_channels": per_group * groups, "groups": groups}
+        return {"in_channels": per_group * groups, "out_channels": whole, "groups": groups}
+
+
+class LinearRule(Rule):
+    """nn.Linear: weight is [out_features, in_features]; the input's features are its last axis."""
+
+    attributes = frozenset({"in_features", "out_features"})
+    input_axis = -1
+
+    def check(self, attributes, tensors):
+        weight = tensors["weight"]
+        for axis, name in enumerate(("out_features", "in_features")):
+            if attributes[name] != weight.shape[axis]:
+                return f"attribute '{name}' is {attributes[name]} but weight axis {axis} has {weight.shape[axis]}"
+        return _sized("bias", tensors, attributes["out_features"], "out_features")
+
+    def input_channels(self, attributes, tensors):
+        return attributes["in_features"]
+
+    def derive(self, module, shapes):
+        return {"out_features": shapes["weight"][0], "in_features": shapes["weight"][1]}
+
+
+class BatchNormRule(Rule):
+    """BatchNorm1d/2d/3d: every per-channel tensor has num_features entries. It reads channels one to one, so an
+    activation subselection never belongs in front of it."""
+
+    attributes = frozenset({"num_features"})
+
+    def check(self, attributes, tensors):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            problem = _sized(name, tensors, attributes["num_features"], "num_features")
+            if problem:
+                return problem
+        return None
+
+    def derive(self, module, shapes):
+        return {"num_features": shapes["running_mean"][0] if "running_mean" in shapes else shapes["weight"][0]}
+
+
+def _sized(name: str, tensors: Mapping[str, torch.Tensor], size: int, attribute: str) -> str | None:
+    """A problem when the optional 1-D tensor `name` does not have `size` entries."""
+    tensor = tensors.get(name)
+    if tensor is None or tensor.shape[0] == size:
+        return None
+    return f"tensor '{name}' has {tensor.shape[0]} entries but attribute '{attribute}' is {size}"
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+RULES: dict[type, Rule] = {}
+GENERIC = Rule()
+
+
+def register(module_type: type, rule: Rule) -> None:
+    """Use `rule` for `module_type` and, unless they have their own, its subclasses."""
+    RULES[module_type] = rule
+
+
+def rule_for(module: nn.Module) -> Rule:
+    """The rule of the nearest class in the module's MRO that has one; `GENERIC` otherwise.
+
+    >>> type(rule_for(nn.Conv2d(3, 8, 3))).__name__, rule_for(nn.Conv2d(3, 8, 3)).input_axis
+    ('ConvRule', -3)
+    >>> rule_for(nn.ReLU()) is GENERIC
+    True
+    """
+    for cls in type(module).__mro__:
+        if cls in RULES:
+            return RULES[cls]
+    return GENERIC
+
+
+for _dims, (_conv, _transposed) in enumerate(
+    [(nn.Conv1d, nn.ConvTranspose1d), (nn.Conv2d, nn.ConvTranspose2d), (nn.Conv3d, nn.ConvTranspose3d)], start=1
+):
+    register(_conv, ConvRule(_dims))
+    register(_transposed, ConvRule(_dims, transposed=True))
+register(nn.Linear, LinearRule())
+for _norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
+    register(_norm, BatchNormRule())

@@ -1,0 +1,85 @@
+"""The spec file format: the committed JSON Schema, canonical bytes, index runs, versions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+import torch
+import torchvision
+
+import prunespec
+from invariant import random_request
+from nets import build
+from prunespec.schemas import SCHEMA_PATH, decode_runs, encode_runs, json_schema, load_spec_bytes
+
+
+def test_committed_schema_matches_the_structs():
+    committed = json.loads(SCHEMA_PATH.read_text())
+    assert committed == json_schema(), "prunespec.schema.json is stale: run `make schema` and commit it"
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_planned_specs_validate_against_the_committed_schema(constrained):
+    schema = json.loads(SCHEMA_PATH.read_text())
+    model, inputs = build("fork")
+    spec = prunespec.plan(model, inputs, *random_request(model, inputs, 0, 0.4, "both"), constrained=constrained)
+    jsonschema.validate(json.loads(spec.to_json()), schema)
+
+
+def test_schema_rejects_what_the_reader_rejects():
+    schema = json.loads(SCHEMA_PATH.read_text())
+    model, inputs = build("conv_conv")
+    data = json.loads(prunespec.plan(model, inputs, [("conv2.weight", 1)]).to_json())
+    data["layers"]["conv1"]["tensors"]["weight"] = ["0-3,x"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, schema)
+    with pytest.raises(prunespec.SpecError, match="layers"):
+        load_spec_bytes(json.dumps(data).encode())
+
+
+def test_same_request_gives_byte_identical_files_across_processes(tmp_path):
+    """Dict order, slot numbering and ids must not leak into the file: plan in two fresh interpreters."""
+    script = (
+        "import sys, torch, torchvision, prunespec; torch.manual_seed(0);"
+        "m = torchvision.models.resnet18(weights=None).eval();"
+        "s = prunespec.plan(m, [torch.rand(1, 3, 32, 32)], [('layer1.0.conv2.weight', 3), ('layer2.0.conv1.weight', 7)],"
+        " [('layer3.0.conv1.weight', 5)]); sys.stdout.buffer.write(s.to_json())"
+    )
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, check=True).stdout for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert b'"layer1.0.conv2": {' in runs[0]
+
+
+def test_a_textual_diff_shows_the_changed_layers():
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = [torch.rand(1, 3, 32, 32)]
+    a = prunespec.plan(model, x, [("layer4.1.conv2.weight", 3)], reorder=False).to_json().decode().splitlines()
+    b = prunespec.plan(model, x, [("layer4.1.conv2.weight", 4)], reorder=False).to_json().decode().splitlines()
+    assert len(a) == len(b)
+    changed = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    # the request, then one line each for the producer, its batch norm and the consumer
+    layers = [next(line for line in reversed(a[:i]) if line.endswith(": {")).strip() for i in changed]
+    assert layers == ['"request": {', '"layer4.1.conv1": {', '"layer4.1.bn1": {', '"layer4.1.conv2": {']
+
+
+def test_runs_round_trip():
+    for indices in ([], [0], [5, 6, 7, 0, 1], list(range(100)), [9, 3, 4, 5, 1]):
+        assert decode_runs(encode_runs(indices)) == indices
+
+
+@pytest.mark.parametrize("bad", ["1-", "a", "3-1", "-1", "1,,2", "99999999999"])
+def test_bad_runs_are_spec_errors(bad):
+    with pytest.raises(prunespec.SpecError):
+        decode_runs(bad)
+
+
+def test_newer_major_version_is_refused_with_the_needed_version():
+    model, inputs = build("conv_conv")
+    data = json.loads(prunespec.plan(model, inputs, [("conv2.weight", 1)]).to_json())
+    data["schema_version"] = "2.0"
+    with pytest.raises(prunespec.SpecError, match="newer than this prunespec reads.*schema 2.x"):
+        load_spec_bytes(json.dumps(data).encode())
