@@ -236,7 +236,21 @@ class _Twice(torch.autograd.Function):
         return torch.roll(grad, -1, dims=1) * 2
 
 
+class Grouped(nn.Module):
+    """A grouped convolution that is not depthwise: the planner keeps its channels (for now) and says so."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 12, 3, padding=1, groups=4)
+        self.conv3 = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        return self.conv3(F.relu(self.grouped(F.relu(self.conv1(x)))))
+
+
 SMALL_NETS = {
+    "grouped": (Grouped, [(2, 3, 8, 8)]),
     "conv_conv": (ConvConv, [(2, 3, 10, 10)]),
     "constant_arithmetic": (ConstantArithmetic, [(2, 3, 10, 10)]),
     "residual": (Residual, [(2, 3, 8, 8)]),

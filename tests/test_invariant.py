@@ -102,3 +102,12 @@ def test_planning_twice_gives_identical_bytes():
     first = prunespec.plan(model, inputs, *request).to_json()
     second = prunespec.plan(model, inputs, *request).to_json()
     assert first == second
+
+
+def test_grouped_convolution_is_kept_with_a_reason(tmp_path):
+    model, inputs = build("grouped")
+    request = [("grouped.weight", 1), ("conv3.weight", 5)]
+    spec, pruned, _ = assert_invariant(model, inputs, tmp_path, pruned_inputs=request, constrained=True)
+    reason = "grouped.weight is a grouped convolution (groups=4)"
+    assert [(k.tensor, k.reason) for k in spec.kept] == [("grouped.weight", reason), ("conv3.weight", reason)]
+    assert pruned.conv1.out_channels == 8 and pruned.grouped.out_channels == 12 and pruned.conv3.in_channels == 12

@@ -52,6 +52,8 @@ def compile_spec(
             raise PlanError(f"{binding.tensor} axis {binding.axis} would need two different channel orders")
 
     for ci, consumer in enumerate(graph.consumers):
+        if consumer.fixed:
+            continue  # it reads only pinned slots, all of them; a grouped weight's columns are not channels
         present = layout.positions(consumer.slots)
         order = {p: i for i, p in enumerate(present)}
         columns = [p for p in present if p in resolution.columns[ci]]

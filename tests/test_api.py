@@ -1,0 +1,83 @@
+"""The public API's promises: light applier imports, planning leaves the model alone, the seed-style facade."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import prunespec
+from invariant import random_request
+from nets import build
+
+
+def test_applying_a_stored_spec_never_loads_the_planner(tmp_path):
+    model, inputs = build("fork")
+    spec_path = tmp_path / "fork.prunespec.json"
+    prunespec.plan(model, inputs, *random_request(model, inputs, 0, 0.3, "input")).save(spec_path)
+    torch.save(model.state_dict(), tmp_path / "fork.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from nets import Fork
+        import prunespec
+        model = Fork().double().eval()
+        model.load_state_dict(torch.load({str(tmp_path / "fork.pt")!r}, weights_only=True))
+        spec = prunespec.load_spec({str(spec_path)!r})
+        prunespec.prune(model, spec)
+        prunespec.mock(Fork().double(), spec)
+        loaded = sorted(m for m in sys.modules if m.startswith("prunespec"))
+        print(loaded)
+        assert not any(m.startswith("prunespec.planner") for m in loaded), loaded
+        assert not any(m.split(".")[0] in ("jsonschema", "typer", "torchvision") for m in sys.modules), "heavy import"
+        """
+    )
+    repo = Path(__file__).parent.parent
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=repo)
+    assert result.returncode == 0, result.stderr
+    assert "prunespec.applier" in result.stdout
+
+
+def test_planning_leaves_the_model_as_it_was():
+    model, inputs = build("depthwise")
+    model.train()
+    model.bn1.eval()
+    handle = model.dw.register_forward_hook(lambda *a: None)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    params = {n: p for n, p in model.named_parameters()}
+    prunespec.plan(model, inputs, *random_request(model, inputs, 0, 0.3, "both"))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # batch-norm statistics too
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert list(model.dw._forward_hooks) == [handle.id]
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_pruning_manager_follows_the_seed_flow():
+    model, inputs = build("residual")
+    manager = prunespec.PruningManager(model)
+    with pytest.raises(RuntimeError, match="compute"):
+        manager.prune()
+    manager.compute(inputs, pruned_inputs=[("head.weight", 2), ("a.weight", 4)])
+    with torch.no_grad():
+        expected = manager.get_mock_model()(*inputs)
+        manager.prune()
+        actual = model(*inputs)
+    assert (actual - expected).abs().max().item() <= 1e-12
+    assert isinstance(manager.spec, prunespec.PruningSpec)
+
+
+def test_a_spec_that_does_not_fit_changes_nothing():
+    model, inputs = build("fork")
+    other, _ = build("concat")
+    spec = prunespec.plan(model, inputs, [("a.weight", 1)])
+    state = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(prunespec.SpecError, match="fingerprint"):
+        prunespec.prune(other, spec)
+    assert all(torch.equal(state[k], v) for k, v in other.state_dict().items())
