@@ -11,11 +11,12 @@ specs shows which layers changed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -240,18 +241,32 @@ def _flat(values) -> bool:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder, so a failure leaves no partial file."""
+    """Write `data` (plus a final newline) to `path` so that a failure leaves no partial file."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data if data.endswith(b"\n") else data + b"\n")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; it replaces `path` on success and is removed on failure."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    # Keep the real suffix last: some writers choose their format by it.
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if not data.endswith(b"\n"):
-                f.write(b"\n")
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it what open() would
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it
+    os.umask(mask)
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -1,0 +1,47 @@
+# Set up, test and demonstrate prunespec. Start with `make demo` or `make test`: both install what they need first.
+#
+# `install` makes .venv (if missing) and installs the pinned torch/torchvision, then prunespec in editable mode.
+# A stamp file makes a second `make install` instant; editing pyproject.toml or this file installs again.
+
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+OUT    := out
+SCHEMA := prunespec/schemas/prunespec.schema.json
+
+.PHONY: install test demo schema clean
+
+install: $(STAMP)
+
+# Exact pins: CI has these wheels at hand, so it never downloads gigabytes of another torch.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PIP) install torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+test: install
+	$(PYTHON) -m pytest -q
+
+demo: install
+	mkdir -p $(OUT)
+	$(VENV)/bin/prunespec plan torchvision:resnet18 -o $(OUT)/resnet18.prunespec.json \
+		--prune-input layer1.0.conv2.weight:0-7 \
+		--prune-input layer2.0.conv1.weight:3,9,17 \
+		--prune-output layer3.0.conv1.weight:0-15
+	$(VENV)/bin/prunespec apply $(OUT)/resnet18.prunespec.json torchvision:resnet18 \
+		-o $(OUT)/resnet18-pruned.pt2 --verify
+	@echo
+	@echo "--- head of $(OUT)/resnet18.prunespec.json ---"
+	@head -n 40 $(OUT)/resnet18.prunespec.json
+
+# Regenerate the committed JSON Schema from the spec Structs (a test fails when the two drift apart).
+schema: install
+	$(VENV)/bin/prunespec schema > $(SCHEMA).tmp
+	mv $(SCHEMA).tmp $(SCHEMA)
+
+# Leaves .venv alone: reinstalling torch is the slow part of a fresh start.
+clean:
+	rm -rf $(OUT) build dist *.egg-info .pytest_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

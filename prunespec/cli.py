@@ -1,0 +1,410 @@
+"""The `prunespec` command line: `plan` writes a spec, `apply` turns a spec and a model into a pruned artifact.
+
+Start reading at the commands `plan_command` and `apply_command`; `main` is the entry point. Argument parsing for
+shapes and channel lists lives in small plain functions (`parse_shape`, `parse_channel_request`) with examples.
+
+Every expected failure (a bad spec, a bad request, a model that cannot be built, a missing file) is printed as one
+`error: ...` line on stderr with exit status 1; `prunespec --debug ...` shows the traceback instead. Outputs are
+written to a temporary file next to the target and renamed at the end, so a failed command leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from torch import nn
+
+import prunespec
+from prunespec.errors import PlanError, SpecError
+from prunespec.models import ModelError, load_model
+from prunespec.schemas import atomic_path
+
+DEFAULT_SHAPE = "1x3x224x224"
+OUTPUT_SUFFIXES = (".pt2", ".safetensors", ".pt", ".pth")
+
+
+class CliError(ValueError):
+    """A command-line argument that cannot be used; printed as one line."""
+
+
+# Failures the user can fix; anything else is reported as unexpected (still one line, unless --debug).
+EXPECTED_ERRORS = (CliError, ModelError, PlanError, SpecError, OSError)
+
+app = typer.Typer(
+    name="prunespec",
+    help="Compile channel-pruning requests into versioned spec files, and apply them without re-tracing.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Plain tracebacks under --debug: they are easier to paste into a bug report than rich's boxed ones.
+    pretty_exceptions_enable=False,
+)
+
+_debug = False
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback when a command fails.")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+
+
+# ---------------------------------------------------------------------------------------------- argument parsing
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """Parse an input shape written as sizes joined by 'x'.
+
+    >>> parse_shape("1x3x224x224")
+    (1, 3, 224, 224)
+    >>> parse_shape("1x3xfoo")
+    Traceback (most recent call last):
+    ...
+    prunespec.cli.CliError: --input-shape '1x3xfoo': expected positive sizes joined by 'x', like '1x3x224x224'
+    """
+    parts = text.strip().lower().split("x")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise CliError(f"--input-shape {text!r}: expected positive sizes joined by 'x', like '{DEFAULT_SHAPE}'")
+    return tuple(int(p) for p in parts)
+
+
+def parse_channels(text: str) -> list[int]:
+    """Parse a channel list: comma-separated channels and ascending ranges, in the order given.
+
+    >>> parse_channels("0-3,9,17")
+    [0, 1, 2, 3, 9, 17]
+    >>> parse_channels("7-3")
+    Traceback (most recent call last):
+    ...
+    ValueError: range '7-3' must go upwards, like '3-7'
+    """
+    channels: list[int] = []
+    for part in text.split(","):
+        start, dash, stop = part.strip().partition("-")
+        if not start.isdigit() or (dash and not stop.isdigit()):
+            raise ValueError(f"{part.strip()!r} is not a channel or a range like '3-7'")
+        lo = int(start)
+        hi = int(stop) if dash else lo
+        if hi < lo:
+            raise ValueError(f"range {part.strip()!r} must go upwards, like '{hi}-{lo}'")
+        channels.extend(range(lo, hi + 1))
+    return channels
+
+
+def parse_channel_request(text: str, option: str = "--prune-input") -> list[tuple[str, int]]:
+    """Parse `PARAM:CH[,CH...]` into (parameter name, channel) pairs.
+
+    >>> parse_channel_request("layer2.0.conv1.weight:3,9-10")
+    [('layer2.0.conv1.weight', 3), ('layer2.0.conv1.weight', 9), ('layer2.0.conv1.weight', 10)]
+    >>> parse_channel_request("conv1.weight")
+    Traceback (most recent call last):
+    ...
+    prunespec.cli.CliError: --prune-input 'conv1.weight': expected PARAM:CH[,CH...] like 'layer1.0.conv1.weight:0-7,12'
+    """
+    # Parameter names contain dots but never colons, so the last colon separates the channels.
+    name, colon, channels = text.rpartition(":")
+    name = name.strip()
+    if not colon or not name or not channels.strip():
+        raise CliError(f"{option} {text!r}: expected PARAM:CH[,CH...] like 'layer1.0.conv1.weight:0-7,12'")
+    try:
+        return [(name, c) for c in parse_channels(channels)]
+    except ValueError as e:
+        raise CliError(f"{option} {text!r}: {e}") from None
+
+
+def _requests(texts: list[str] | None, option: str) -> list[tuple[str, int]]:
+    """All pairs of a repeated option, without duplicates, in the order given."""
+    pairs: list[tuple[str, int]] = []
+    for text in texts or []:
+        pairs.extend(parse_channel_request(text, option))
+    return list(dict.fromkeys(pairs))
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+# Arguments that `plan` and `apply` share.
+ModelArgument = Annotated[
+    str, typer.Argument(metavar="MODEL", help="'torchvision:NAME' or 'package.module:callable'.")
+]
+WeightsOption = Annotated[
+    Optional[Path], typer.Option("--weights", metavar="CKPT", help="State dict to load (.pt, .pth or .safetensors).")
+]
+
+
+@app.command("plan")
+def plan_command(
+    model: ModelArgument,
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="SPEC", help="Where to write the spec (JSON).")],
+    input_shape: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--input-shape",
+            metavar="SHAPE",
+            help=f"Shape of one network input; repeat per input (default {DEFAULT_SHAPE}).",
+        ),
+    ] = None,
+    weights: WeightsOption = None,
+    prune_input: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--prune-input", metavar="PARAM:CH[,CH...]", help="Input channels of a consumer to remove; repeatable."
+        ),
+    ] = None,
+    prune_output: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--prune-output", metavar="PARAM:CH[,CH...]", help="Output channels of a producer to remove; repeatable."
+        ),
+    ] = None,
+    constrained: Annotated[
+        bool, typer.Option("--constrained", help="Remove extra channels so that no activation gather is needed.")
+    ] = False,
+    reorder: Annotated[
+        bool, typer.Option("--reorder/--no-reorder", help="Permute channels so that gathers become slices.")
+    ] = True,
+) -> None:
+    """Trace MODEL and write a pruning spec. Without --prune-input/--prune-output, prunes all-zero channels."""
+    with _reporting_errors():
+        shapes = [parse_shape(s) for s in input_shape or [DEFAULT_SHAPE]]
+        pruned_inputs = _requests(prune_input, "--prune-input")
+        pruned_outputs = _requests(prune_output, "--prune-output")
+        _check_output_folder(output)
+
+        network = load_model(model, weights)
+        generator = torch.Generator().manual_seed(0)
+        inputs = [torch.randn(shape, generator=generator) for shape in shapes]
+
+        # No channels named (both None): the planner looks for weight channels that training already zeroed out.
+        named = bool(pruned_inputs or pruned_outputs)
+        spec = prunespec.plan(
+            network,
+            inputs,
+            pruned_inputs=pruned_inputs if named else None,
+            pruned_outputs=pruned_outputs if named else None,
+            constrained=constrained,
+            reorder=reorder,
+        )
+        spec.model = model
+        spec.save(output)
+        typer.echo(describe_plan(spec, output))
+
+
+@app.command("apply")
+def apply_command(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="A spec written by 'prunespec plan'.")],
+    model: ModelArgument,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", metavar="OUT", help=f"Output file: {', '.join(OUTPUT_SUFFIXES)}.")
+    ],
+    weights: WeightsOption = None,
+    mock: Annotated[
+        bool, typer.Option("--mock", help="Build the mock model (original shapes, pruned channels zeroed).")
+    ] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Check in float64 that the pruned model matches the mock.")
+    ] = False,
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", metavar="FLOAT", help="Largest difference --verify accepts.")
+    ] = 1e-9,
+) -> None:
+    """Apply SPEC to MODEL and write the result: an exported program (.pt2) or a state dict."""
+    with _reporting_errors():
+        suffix = output.suffix.lower()
+        if suffix not in OUTPUT_SUFFIXES:
+            raise CliError(f"output {str(output)!r}: unsupported file type; use one of {', '.join(OUTPUT_SUFFIXES)}")
+        if mock and suffix == ".safetensors":
+            raise CliError(
+                "--mock with a .safetensors output would save the original tensor shapes; "
+                "write the mock as .pt2, or drop --mock to save the pruned state dict"
+            )
+        _check_output_folder(output)
+
+        spec = prunespec.load_spec(spec_path)
+        network = load_model(model, weights)
+        original = copy.deepcopy(network) if verify else None
+        result = prunespec.mock(network, spec) if mock else prunespec.prune(network, spec)
+
+        if original is not None:
+            # Verify on separate copies: the output keeps its own dtype, and a failure writes nothing.
+            difference = _max_difference(
+                pruned=prunespec.prune(copy.deepcopy(original), spec),
+                mocked=prunespec.mock(original, spec),
+                inputs=example_inputs(spec, torch.float64),
+            )
+            typer.echo(f"max |pruned - mock| = {difference:.1e}")
+            if not difference <= tolerance:  # also catches NaN
+                raise CliError(f"the pruned model differs from the mock by {difference:.1e} > tolerance {tolerance:g}")
+
+        _write_model(result, spec, output)
+        typer.echo(f"wrote {output} ({'mock' if mock else 'pruned'} model)")
+
+
+@app.command("schema")
+def schema_command() -> None:
+    """Print the JSON Schema of spec files."""
+    from prunespec.schemas import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(), indent=2, sort_keys=False) + "\n")
+
+
+def main() -> None:
+    """Entry point of the `prunespec` script and of `python -m prunespec`."""
+    app()
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _reporting_errors() -> Iterator[None]:
+    """Turn a failure into one `error:` line and exit status 1, unless --debug asks for the traceback."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except EXPECTED_ERRORS as e:
+        if _debug:
+            raise
+        _fail(_message(e))
+    except Exception as e:
+        if _debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _fail(f"unexpected {type(e).__name__}: {first} (run 'prunespec --debug ...' for the traceback)")
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}"
+    # Messages are written as one line, but a library may still wrap one; keep stderr to a single line.
+    return " ".join(str(error).split())
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _check_output_folder(output: Path) -> None:
+    """Fail before any slow work when the output cannot be written where asked."""
+    folder = output.parent
+    if not folder.is_dir():
+        raise CliError(f"output folder {str(folder)!r} does not exist")
+    if output.is_dir():
+        raise CliError(f"output {str(output)!r} is a folder; name a file")
+
+
+def example_inputs(spec: prunespec.PruningSpec, float_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Seeded random inputs with the spec's shapes and dtypes; `float_dtype` overrides floating dtypes."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for info in spec.inputs:
+        dtype = _dtype(info.dtype)
+        if dtype.is_floating_point or dtype.is_complex:
+            dtype = float_dtype if float_dtype is not None and dtype.is_floating_point else dtype
+            inputs.append(torch.randn(info.shape, generator=generator, dtype=dtype))
+        else:
+            # Integer and bool inputs are usually indices or masks; zeros are valid for any table size.
+            inputs.append(torch.zeros(info.shape, dtype=dtype))
+    return inputs
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise SpecError(f"spec input dtype {name!r} is not a torch dtype (like 'float32')")
+    return dtype
+
+
+def _max_difference(pruned: nn.Module, mocked: nn.Module, inputs: list[torch.Tensor]) -> float:
+    """Largest absolute difference between the outputs of the two models, run in float64."""
+    from torch.utils._pytree import tree_leaves
+
+    with torch.no_grad():
+        pruned_out = tree_leaves(pruned.double().eval()(*inputs))
+        mocked_out = tree_leaves(mocked.double().eval()(*inputs))
+    if len(pruned_out) != len(mocked_out):
+        raise CliError(f"the pruned model returns {len(pruned_out)} outputs, the mock {len(mocked_out)}")
+    largest = 0.0
+    for i, (p, m) in enumerate(zip(pruned_out, mocked_out)):
+        if not isinstance(p, torch.Tensor) or not isinstance(m, torch.Tensor):
+            continue
+        if p.shape != m.shape:
+            raise CliError(f"output {i}: the pruned model gives shape {list(p.shape)}, the mock {list(m.shape)}")
+        if p.numel():
+            largest = max(largest, (p.double() - m.double()).abs().max().item())
+    return largest
+
+
+def _write_model(model: nn.Module, spec: prunespec.PruningSpec, output: Path) -> None:
+    suffix = output.suffix.lower()
+    if suffix == ".pt2":
+        program = torch.export.export(model, tuple(example_inputs(spec)))
+        with atomic_path(output) as tmp:
+            torch.export.save(program, tmp)
+        return
+
+    state = _plain_state_dict(model)
+    with atomic_path(output) as tmp:
+        if suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, str(tmp))
+        else:
+            torch.save(state, tmp)
+
+
+def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, with tied tensors copied: safetensors refuses tensors that share memory."""
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen:
+            tensor = tensor.clone()
+        seen.add(pointer)
+        state[key] = tensor
+    return state
+
+
+def describe_plan(spec: prunespec.PruningSpec, output: Path) -> str:
+    """The short report `plan` prints: where the spec went and what it removes."""
+    s = spec.summary
+    request = spec.request
+    mode = "constrained" if request.constrained else "unconstrained"
+    mode += ", reordered" if request.reorder else ", not reordered"
+    mode += ", zeroed channels" if request.zeroed else ", requested channels"
+    lines = [
+        f"wrote {output}",
+        f"  mode:                     {mode}",
+        f"  parameters:               {_change(s.parameters_before, s.parameters_after)}",
+        f"  MACs:                     {_change(s.macs_before, s.macs_after)}",
+        f"  layers touched:           {len(spec.layers)}",
+        f"  activation subselections: {s.subselections}",
+    ]
+    if spec.kept:
+        lines.append(f"  kept {len(spec.kept)} requested group(s) of channels:")
+        lines.extend(f"    {k.tensor} {k.side} channels {k.channels}: {k.reason}" for k in spec.kept)
+    return "\n".join(lines)
+
+
+def _change(before: int, after: int) -> str:
+    """Before -> after, with the relative change.
+
+    >>> _change(200, 150)
+    '200 -> 150 (-25.0%)'
+    """
+    percent = f" ({(after - before) / before * 100:+.1f}%)" if before else ""
+    return f"{before:,} -> {after:,}{percent}"

@@ -1,0 +1,201 @@
+"""Build a model from a command-line specifier and load a checkpoint into it.
+
+Start reading at `load_model`: it parses a specifier (`torchvision:resnet18` or `package.module:callable`), builds
+the module, loads `--weights` if given, and puts the model in eval mode. Every expected failure raises `ModelError`
+with a one-line message that says what is wrong and what a valid form looks like, so the command line can print it
+as is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunespec.errors import nearest
+
+VALID_FORMS = "'torchvision:resnet18' or 'package.module:callable'"
+WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+# A dotted Python path: `package.module` on the left of the colon, `callable` (or `Class.factory`) on the right.
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+
+
+class ModelError(ValueError):
+    """A model specifier or checkpoint that cannot be turned into a model."""
+
+
+def load_model(specifier: str, weights: str | os.PathLike | None = None) -> nn.Module:
+    """Build the model named by `specifier`, load `weights` into it (strictly), and return it in eval mode."""
+    model = build_model(specifier)
+    if weights is not None:
+        load_weights(model, weights)
+    return model.eval()
+
+
+def build_model(specifier: str) -> nn.Module:
+    """Build a model from `torchvision:NAME` or `package.module:callable`, with random initial weights.
+
+    >>> build_model("resnet18")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    prunespec.models.ModelError: model 'resnet18' is not a valid specifier; write it as ...
+    """
+    source, sep, name = specifier.partition(":")
+    if not sep or not source or not name:
+        raise ModelError(f"model {specifier!r} is not a valid specifier; write it as {VALID_FORMS}")
+    if source == "torchvision":
+        return _torchvision_model(name)
+    if not re.fullmatch(_DOTTED, source) or not re.fullmatch(_DOTTED, name):
+        raise ModelError(f"model {specifier!r} is not a valid specifier; write it as {VALID_FORMS}")
+    return _callable_model(specifier, source, name)
+
+
+def _torchvision_model(name: str) -> nn.Module:
+    # Imported here so that applying specs to one's own models never needs torchvision.
+    try:
+        import torchvision.models
+    except ImportError:
+        raise ModelError(
+            f"torchvision is not installed, so 'torchvision:{name}' cannot be built; "
+            "install it (pip install torchvision) or name the model as 'package.module:callable'"
+        ) from None
+    known = torchvision.models.list_models()
+    if name not in known:
+        raise ModelError(f"torchvision has no model {name!r}; {nearest(name, known)}")
+    builder = torchvision.models.get_model_builder(name)
+    kwargs: dict[str, Any] = {"weights": None}
+    # Detection and segmentation builders would otherwise download ImageNet weights for their backbone.
+    parameter = inspect.signature(builder).parameters.get("weights_backbone")
+    if parameter is not None and parameter.kind is not inspect.Parameter.VAR_KEYWORD:
+        kwargs["weights_backbone"] = None
+    return torchvision.models.get_model(name, **kwargs)
+
+
+def _callable_model(specifier: str, module_name: str, attribute_path: str) -> nn.Module:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ModelError(
+            f"cannot import {module_name!r} for model {specifier!r}: {e}; "
+            f"check PYTHONPATH, or write the model as {VALID_FORMS}"
+        ) from e
+    except Exception as e:
+        raise ModelError(f"importing {module_name!r} for model {specifier!r} failed: {_first_line(e)}") from e
+
+    target: Any = module
+    for part in attribute_path.split("."):
+        if not hasattr(target, part):
+            names = [n for n in dir(target) if not n.startswith("_")]
+            raise ModelError(f"{module_name!r} has no attribute {attribute_path!r}; {nearest(part, names)}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ModelError(f"{specifier!r} is a {type(target).__name__}, not a callable that returns a model")
+
+    try:
+        model = target()
+    except Exception as e:
+        raise ModelError(f"calling {specifier}() failed: {_first_line(e)}") from e
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{specifier}() returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a state_dict from a `.pt`/`.pth` or `.safetensors` file into `model`; every key must match."""
+    path = Path(path)
+    state = read_state_dict(path)
+    _check_fits(model, state, path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelError(f"weights {str(path)!r} do not fit the model: {_first_line(e)}") from e
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict without running pickled code; unwrap {'state_dict': ...} or {'model': ...} checkpoints."""
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise ModelError(f"weights {str(path)!r}: unknown file type; use one of {', '.join(WEIGHT_SUFFIXES)}")
+    if not path.is_file():
+        raise ModelError(f"weights file {str(path)!r} does not exist")
+
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise ModelError(f"cannot read weights {str(path)!r}: {_first_line(e)}") from e
+
+    try:
+        loaded = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        # weights_only refuses pickles with arbitrary objects; say so rather than fall back to unsafe loading.
+        raise ModelError(
+            f"cannot read weights {str(path)!r} as a plain state_dict (loaded with weights_only=True): {_first_line(e)}"
+        ) from e
+    state = _unwrap(loaded)
+    if state is None:
+        raise ModelError(
+            f"weights {str(path)!r} hold a {type(loaded).__name__}, not a state_dict "
+            "(a dict of tensors, or a dict with a 'state_dict' or 'model' entry)"
+        )
+    return dict(state)
+
+
+def _unwrap(loaded: Any) -> Mapping[str, Any] | None:
+    """The state_dict inside a checkpoint: the dict itself, or its 'state_dict' / 'model' entry."""
+    if not isinstance(loaded, Mapping):
+        return None
+    if all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        return loaded
+    for key in ("state_dict", "model"):
+        inner = loaded.get(key)
+        if isinstance(inner, Mapping) and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner
+    return None
+
+
+def _check_fits(model: nn.Module, state: Mapping[str, Any], path: Path) -> None:
+    """Name missing, unexpected and mis-shaped keys in one line, instead of torch's multi-line report."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    resized = [
+        f"{k} {list(state[k].shape)} vs {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_some(unexpected)}")
+    if resized:
+        problems.append(f"wrong shape (file vs model) {_some(resized)}")
+    if problems:
+        raise ModelError(f"weights {str(path)!r} do not fit the model: " + "; ".join(problems))
+
+
+def _some(items: list[str], n: int = 3) -> str:
+    """A few items of a long list, for a one-line message.
+
+    >>> _some(["a", "b", "c", "d", "e"])
+    'a, b, c (and 2 more)'
+    """
+    more = f" (and {len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
