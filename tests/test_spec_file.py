@@ -46,8 +46,9 @@ def test_same_request_gives_byte_identical_files_across_processes(tmp_path):
     script = (
         "import sys, torch, torchvision, prunespec; torch.manual_seed(0);"
         "m = torchvision.models.resnet18(weights=None).eval();"
-        "s = prunespec.plan(m, [torch.rand(1, 3, 32, 32)], [('layer1.0.conv2.weight', 3), ('layer2.0.conv1.weight', 7)],"
-        " [('layer3.0.conv1.weight', 5)]); sys.stdout.buffer.write(s.to_json())"
+        "s = prunespec.plan(m, [torch.rand(1, 3, 32, 32)],"
+        " [('layer1.0.conv2.weight', 3), ('layer2.0.conv1.weight', 7)], [('layer3.0.conv1.weight', 5)]);"
+        "sys.stdout.buffer.write(s.to_json())"
     )
     runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, check=True).stdout for _ in range(2)]
     assert runs[0] == runs[1]

@@ -57,6 +57,30 @@ def opaque(tr: Tracer, args, kwargs, out, why: str | None = None) -> None:
         tr.set(t, None, why.replace("passes through", "comes from", 1) if why.startswith("passes") else why)
 
 
+def _untrack(tr: Tracer, out, source=None) -> None:
+    """Outputs of an unlabelled tensor stay unlabelled, and inherit the reason it is."""
+    why = tr.why_unlabelled(source) if isinstance(source, torch.Tensor) else None
+    for t in _tensors(out):
+        tr.set(t, None, why)
+
+
+def unary(fn: Callable[..., None]) -> Rule:
+    """For rules about one input tensor `x`: an unlabelled `x` gives unlabelled outputs, else `fn` decides.
+
+    `fn(tr, x, cmap, args, kwargs, out)` receives `x` and its channel map.
+    """
+
+    def wrapped(tr: Tracer, args, kwargs, out) -> None:
+        x = _arg(args, kwargs, 0, "input")
+        cmap = tr.channels(x)
+        if cmap is None:
+            return _untrack(tr, out, x)
+        return fn(tr, x, cmap, args, kwargs, out)
+
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
 # ------------------------------------------------------------------------------------------ producers/consumers
 
 
@@ -210,20 +234,12 @@ def elementwise(tr: Tracer, args, kwargs, out) -> None:
     "sqrt", "rsqrt", "square", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
     "feature_alpha_dropout", "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to",
 )  # fmt: skip
-def same(tr: Tracer, args, kwargs, out) -> None:
+@unary
+def same(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
     """Ops that keep every channel where it is: the output carries the first argument's labels."""
-    x = args[0] if args else None
-    cmap = tr.channels(x)
-    if cmap is None or not isinstance(out, torch.Tensor) or out.shape != x.shape:
-        return opaque(tr, args, kwargs, out) if cmap is not None else _untrack(tr, out, x)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        return opaque(tr, args, kwargs, out)
     tr.set(out, cmap)
-
-
-def _untrack(tr: Tracer, out, source=None) -> None:
-    """Outputs of an unlabelled tensor stay unlabelled, and inherit the reason it is."""
-    why = tr.why_unlabelled(source) if isinstance(source, torch.Tensor) else None
-    for t in _tensors(out):
-        tr.set(t, None, why)
 
 
 @rule(
@@ -231,12 +247,9 @@ def _untrack(tr: Tracer, out, source=None) -> None:
     "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
     "adaptive_max_pool3d", "max_pool2d_with_indices", "lp_pool2d", "interpolate", "upsample", "pad",
 )  # fmt: skip
-def spatial(tr: Tracer, args, kwargs, out) -> None:
+@unary
+def spatial(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
     """Pooling, resizing and padding act on the spatial axes only; channels stay at axis 1."""
-    x = _arg(args, kwargs, 0, "input")
-    cmap = tr.channels(x)
-    if cmap is None:
-        return _untrack(tr, out, x)
     results = _tensors(out)
     if cmap.axis != 1 or any(t.ndim != x.ndim or t.shape[1] != x.shape[1] for t in results):
         return opaque(tr, args, kwargs, out, "is padded or resized along its channels")
@@ -270,12 +283,9 @@ def cat(tr: Tracer, args, kwargs, out) -> None:
 
 
 @rule("flatten")
-def flatten(tr: Tracer, args, kwargs, out) -> None:
+@unary
+def flatten(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
     """Flattening from the channel axis repeats each channel's label over the dimensions merged into it."""
-    x = _arg(args, kwargs, 0, "input")
-    cmap = tr.channels(x)
-    if cmap is None:
-        return _untrack(tr, out, x)
     start = _arg(args, kwargs, 1, "start_dim", 0) % max(x.ndim, 1)
     end = _arg(args, kwargs, 2, "end_dim", -1) % max(x.ndim, 1)
     tr.set(out, _flattened(tr, x, cmap, start, end, args, kwargs, out))
@@ -295,15 +305,12 @@ def _flattened(tr: Tracer, x, cmap: ChannelMap, start: int, end: int, args, kwar
 
 
 @rule("view", "reshape")
-def reshape(tr: Tracer, args, kwargs, out) -> None:
+@unary
+def reshape(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
     """Only shape-preserving views and ``x.view(n, -1)``-style flattening, with the size left to ``-1``.
 
     A size written as a number would stay that number after pruning, so anything else is opaque.
     """
-    x = args[0]
-    cmap = tr.channels(x)
-    if cmap is None:
-        return _untrack(tr, out, x)
     shape = args[1:] if len(args) > 1 else (kwargs.get("shape") or ())
     if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
         shape = tuple(shape[0])
@@ -323,13 +330,10 @@ def reshape(tr: Tracer, args, kwargs, out) -> None:
 
 
 @rule("__getitem__")
-def getitem(tr: Tracer, args, kwargs, out) -> None:
-    """Indexing that takes every channel (``x[:, :, 1:]``, ``x[..., None]``) keeps the labels; anything else is opaque."""
-    x, index = args[0], args[1]
-    cmap = tr.channels(x)
-    if cmap is None:
-        return _untrack(tr, out, x)
-    axis = _index_axis(index, x.ndim, cmap.axis, x.shape[cmap.axis])
+@unary
+def getitem(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
+    """Indexing that keeps every channel (``x[:, :, 1:]``, ``x[..., None]``) keeps the labels; else opaque."""
+    axis = _index_axis(args[1], x.ndim, cmap.axis, x.shape[cmap.axis])
     if axis is None:
         return opaque(tr, args, kwargs, out, "is indexed or sliced along its channels")
     tr.set(out, ChannelMap(axis, cmap.slots))
@@ -368,12 +372,9 @@ def _index_axis(index, ndim: int, axis: int, size: int) -> int | None:
 
 
 @rule("mean", "sum", "amax", "amin")
-def reduce(tr: Tracer, args, kwargs, out) -> None:
+@unary
+def reduce(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
     """Reductions over other axes keep the channels; a reduction over the channels mixes them all."""
-    x = args[0]
-    cmap = tr.channels(x)
-    if cmap is None:
-        return _untrack(tr, out, x)
     dims = _arg(args, kwargs, 1, "dim")
     keepdim = _arg(args, kwargs, 2, "keepdim", False)
     if dims is None or not isinstance(out, torch.Tensor):
@@ -386,12 +387,9 @@ def reduce(tr: Tracer, args, kwargs, out) -> None:
 
 
 @rule("permute", "transpose", "swapaxes", "unsqueeze", "movedim")
-def move_axes(tr: Tracer, args, kwargs, out) -> None:
+@unary
+def move_axes(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
     """Axis moves carry the labels to the channel axis's new position."""
-    x = args[0]
-    cmap = tr.channels(x)
-    if cmap is None:
-        return _untrack(tr, out, x)
     # Apply the same move to a meta tensor whose only non-1 dimension is the channel axis.
     shape = [1] * x.ndim
     shape[cmap.axis] = 2
@@ -404,12 +402,9 @@ def move_axes(tr: Tracer, args, kwargs, out) -> None:
 
 
 @rule("softmax", "log_softmax")
-def softmax(tr: Tracer, args, kwargs, out) -> None:
+@unary
+def softmax(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
     """Softmax over another axis keeps the channels; over the channels it mixes them."""
-    x = args[0]
-    cmap = tr.channels(x)
-    if cmap is None:
-        return _untrack(tr, out, x)
     dim = _arg(args, kwargs, 1, "dim")
     if dim is None or dim % x.ndim == cmap.axis:
         return opaque(tr, args, kwargs, out, "goes through a softmax over its channels")

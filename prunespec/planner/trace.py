@@ -66,7 +66,9 @@ class Tracer(TorchFunctionMode):
 
     def why_unlabelled(self, t: torch.Tensor) -> str:
         entry = self._why.get(id(t))
-        return entry[1] if entry is not None and entry[0] is t else "comes from a model input or a tensor made in forward"
+        if entry is not None and entry[0] is t:
+            return entry[1]
+        return "comes from a model input or a tensor made in forward"
 
     def name(self, t) -> str | None:
         return self.names.get(id(t)) if isinstance(t, torch.Tensor) else None
