@@ -237,19 +237,119 @@ class _Twice(torch.autograd.Function):
 
 
 class Grouped(nn.Module):
-    """A grouped convolution that is not depthwise: the planner keeps its channels (for now) and says so."""
+    """A grouped convolution that is not depthwise (ResNeXt, RegNet), and a grouped transposed one."""
 
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
         self.grouped = nn.Conv2d(8, 12, 3, padding=1, groups=4)
-        self.conv3 = nn.Conv2d(12, 4, 1)
+        self.conv3 = nn.Conv2d(12, 6, 1)
+        self.up = nn.ConvTranspose2d(6, 4, 3, padding=1, groups=2)
+        self.head = nn.Conv2d(4, 3, 1)
 
     def forward(self, x):
-        return self.conv3(F.relu(self.grouped(F.relu(self.conv1(x)))))
+        y = self.conv3(F.relu(self.grouped(F.relu(self.conv1(x)))))
+        return self.head(F.relu(self.up(y)))
+
+
+class ChannelsLast(nn.Module):
+    """A ConvNeXt block: depthwise conv, permute to channels-last, LayerNorm, MLP, layer scale, permute back."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 7, padding=3, groups=8)
+        self.norm = nn.LayerNorm(8)
+        self.fc1 = nn.Linear(8, 32)
+        self.fc2 = nn.Linear(32, 8)
+        self.layer_scale = nn.Parameter(torch.linspace(0.5, 1.5, 8).reshape(8, 1, 1))
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.fc2(F.gelu(self.fc1(self.norm(y))))
+        return self.head(x + self.layer_scale * y.permute(0, 3, 1, 2))
+
+
+class Norms(nn.Module):
+    """GroupNorm (statistics across channels), InstanceNorm and PReLU (per channel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 12)
+        self.conv2 = nn.Conv2d(12, 10, 3, padding=1)
+        self.inorm = nn.InstanceNorm2d(10, affine=True)
+        self.prelu = nn.PReLU(10)
+        self.conv3 = nn.Conv2d(10, 8, 1)
+        self.shared = nn.PReLU()
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        y = self.conv2(F.relu(self.gn(self.conv1(x))))
+        y = self.conv3(self.prelu(self.inorm(y)))
+        return self.head(self.shared(y))
+
+
+class Chunked(nn.Module):
+    """ShuffleNet-style: chunk the channels in two, transform one half, concatenate."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.branch = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Conv2d(12, 4, 1)
+        self.other = nn.Conv2d(3, 12, 1)
+        self.split_head = nn.Conv2d(5, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.stem(x))
+        left, right = y.chunk(2, dim=1)
+        y = torch.cat([left, F.relu(self.branch(right))], dim=1)
+        fixed, _ = self.other(x).split([5, 7], dim=1)  # sizes written as numbers: these channels must stay
+        return self.head(y) + self.split_head(fixed)
+
+
+class FunctionalWeights(nn.Module):
+    """Swin-style: a parent's forward uses a child Linear's weight directly, and a conv pads before convolving."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.qkv = nn.Linear(8, 12)
+        self.proj = nn.Linear(12, 8)
+        self.reflect = nn.Conv2d(8, 6, 3, padding=1, padding_mode="reflect")
+        self.head = nn.Conv2d(6, 3, 1)
+
+    def forward(self, x):
+        x = self.embed(x)
+        t = x.flatten(2).transpose(1, 2)
+        t = F.linear(F.relu(F.linear(t, self.qkv.weight, self.qkv.bias)), self.proj.weight, self.proj.bias)
+        x = x + t.transpose(1, 2).reshape(x.shape)
+        return self.head(F.relu(self.reflect(x)))
+
+
+class Conv1d3d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm1d(8)
+        self.c2 = nn.Conv1d(8, 6, 3)
+        self.c3 = nn.Conv3d(6, 5, 1)
+        self.c4 = nn.Conv3d(5, 2, 1)
+
+    def forward(self, x):
+        y = F.relu(self.c2(F.relu(self.bn(self.c1(x)))))  # (n, 6, l)
+        return self.c4(F.relu(self.c3(y[:, :, None, None, :])))
 
 
 SMALL_NETS = {
+    "channels_last": (ChannelsLast, [(2, 3, 8, 8)]),
+    "norms": (Norms, [(2, 3, 8, 8)]),
+    "chunked": (Chunked, [(2, 3, 8, 8)]),
+    "functional_weights": (FunctionalWeights, [(2, 3, 8, 8)]),
+    "conv1d_3d": (Conv1d3d, [(2, 3, 12)]),
     "grouped": (Grouped, [(2, 3, 8, 8)]),
     "conv_conv": (ConvConv, [(2, 3, 10, 10)]),
     "constant_arithmetic": (ConstantArithmetic, [(2, 3, 10, 10)]),
@@ -283,14 +383,17 @@ def inputs_for(shapes, seed: int = 0) -> list[torch.Tensor]:
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> None:
-    """Give batch norms non-trivial statistics, so a misplaced channel changes the output."""
+    """Give normalisation layers non-trivial statistics and affine parameters, so a misplaced channel shows."""
     g = torch.Generator().manual_seed(seed + 2)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g, dtype=m.running_mean.dtype) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g, dtype=m.running_var.dtype) + 0.5)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(n, generator=g, dtype=m.weight.dtype) + 0.5)
-                    m.bias.copy_(torch.randn(n, generator=g, dtype=m.bias.dtype) * 0.1)
+    norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+    with torch.no_grad():
+        for m in model.modules():
+            if not isinstance(m, norms):
+                continue
+            if getattr(m, "running_mean", None) is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g, dtype=m.running_mean.dtype) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g, dtype=m.running_var.dtype) + 0.5)
+            if getattr(m, "weight", None) is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g, dtype=m.weight.dtype) + 0.5)
+            if getattr(m, "bias", None) is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g, dtype=m.bias.dtype) * 0.1)

@@ -104,10 +104,60 @@ def test_planning_twice_gives_identical_bytes():
     assert first == second
 
 
-def test_grouped_convolution_is_kept_with_a_reason(tmp_path):
-    model, inputs = build("grouped")
-    request = [("grouped.weight", 1), ("conv3.weight", 5)]
+def test_grouped_convolution_keeps_groups_equal(tmp_path):
+    """Channel j of every group goes together, so each group keeps the same number of channels."""
+    model, inputs = build("grouped")  # conv1 (8) -> grouped (groups=4: 2 in, 3 out per group) -> conv3
+    request = [("grouped.weight", 1), ("grouped.weight", 3), ("grouped.weight", 5), ("grouped.weight", 7)]
+    spec, pruned, _ = assert_invariant(model, inputs, tmp_path, pruned_inputs=request)
+    assert pruned.conv1.out_channels == 4 and pruned.grouped.in_channels == 4 and pruned.grouped.groups == 4
+    assert spec.layers["grouped"].tensors["weight"] == [None, "0"]
+    spec, pruned, _ = assert_invariant(model, inputs, tmp_path, pruned_outputs=[("grouped.weight", 4)])
+    assert pruned.grouped.out_channels == 8 and pruned.conv3.in_channels == 8  # position 1 of all four groups
+    spec, pruned, _ = assert_invariant(model, inputs, tmp_path, pruned_inputs=[("grouped.weight", 1)])
+    assert pruned.conv1.out_channels == 8  # one group alone cannot give up a channel
+    assert [k.tensor for k in spec.kept] == ["grouped.weight"] and "grouped convolution" in spec.kept[0].reason
+
+
+def test_layer_norm_keeps_its_channels_but_the_mlp_prunes(tmp_path):
+    model, inputs = build("channels_last")
+    request = [("fc2.weight", ch) for ch in range(0, 32, 3)] + [("fc1.weight", 2), ("head.weight", 1)]
     spec, pruned, _ = assert_invariant(model, inputs, tmp_path, pruned_inputs=request, constrained=True)
-    reason = "grouped.weight is a grouped convolution (groups=4)"
-    assert [(k.tensor, k.reason) for k in spec.kept] == [("grouped.weight", reason), ("conv3.weight", reason)]
-    assert pruned.conv1.out_channels == 8 and pruned.grouped.out_channels == 12 and pruned.conv3.in_channels == 12
+    assert pruned.fc1.out_features == 32 - len(range(0, 32, 3))
+    assert pruned.norm.normalized_shape == (8,) and pruned.stem.out_channels == 8
+    reasons = {k.tensor: k.reason for k in spec.kept}
+    assert reasons == {"fc1.weight": "is normalised together with other channels by layer_norm",
+                       "head.weight": "is normalised together with other channels by layer_norm"}
+
+
+def test_group_norm_is_kept_while_instance_norm_and_prelu_follow(tmp_path):
+    model, inputs = build("norms")
+    request = [("conv2.weight", 3), ("conv3.weight", 4), ("conv3.weight", 7)]
+    spec, pruned, _ = assert_invariant(model, inputs, tmp_path, pruned_inputs=request)
+    assert pruned.conv1.out_channels == 12 and pruned.gn.num_channels == 12
+    assert pruned.conv2.out_channels == 8
+    assert pruned.inorm.num_features == 8 and pruned.prelu.num_parameters == 8
+    assert spec.kept == [] and spec.layers["conv2"].input is not None  # conv2 reads around channel 3
+    spec, pruned, _ = assert_invariant(model, inputs, tmp_path, pruned_inputs=request, constrained=True)
+    assert [k.tensor for k in spec.kept] == ["conv2.weight"] and pruned.conv2.in_channels == 12
+    assert "group_norm" in spec.kept[0].reason
+
+
+def test_chunk_ties_the_halves_and_fixed_splits_pin(tmp_path):
+    model, inputs = build("chunked")
+    spec, pruned, _ = assert_invariant(model, inputs, tmp_path, pruned_outputs=[("stem.weight", 1)])
+    assert pruned.stem.out_channels == 10  # channel 1 and its partner 7 in the other half
+    assert pruned.branch.in_channels == 5 and pruned.head.in_channels == 11  # 5 kept + 6 from the branch
+    spec, pruned, _ = assert_invariant(model, inputs, tmp_path, pruned_outputs=[("other.weight", 1)])
+    assert pruned.other.out_channels == 12
+    assert "split along its channels" in spec.kept[0].reason
+
+
+def test_weights_used_outside_their_module_are_never_gathered(tmp_path):
+    model, inputs = build("functional_weights")
+    request = [("qkv.weight", 2), ("reflect.weight", 5), ("proj.weight", 0)]
+    spec, pruned, _ = assert_invariant(model, inputs, tmp_path, pruned_inputs=request)
+    reasons = {k.tensor: k.reason for k in spec.kept}
+    assert reasons["qkv.weight"] == "qkv.weight is used outside the forward of its module"
+    assert "not the module's input" in reasons["reflect.weight"]
+    assert pruned.qkv.out_features == 11 and "proj.weight" not in reasons  # the hidden channel goes everywhere
+    assert spec.summary.subselections == 0

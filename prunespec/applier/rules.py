@@ -113,9 +113,9 @@ class LinearRule(Rule):
         return {"out_features": shapes["weight"][0], "in_features": shapes["weight"][1]}
 
 
-class BatchNormRule(Rule):
-    """BatchNorm1d/2d/3d: every per-channel tensor has num_features entries. It reads channels one to one, so an
-    activation subselection never belongs in front of it."""
+class PerChannelNormRule(Rule):
+    """Batch and instance norms: every per-channel tensor has num_features entries. They read channels one to one,
+    so an activation subselection never belongs in front of them."""
 
     attributes = frozenset({"num_features"})
 
@@ -128,6 +128,18 @@ class BatchNormRule(Rule):
 
     def derive(self, module, shapes):
         return {"num_features": shapes["running_mean"][0] if "running_mean" in shapes else shapes["weight"][0]}
+
+
+class PReLURule(Rule):
+    """nn.PReLU: one slope per channel (num_parameters of them), or a single shared slope."""
+
+    attributes = frozenset({"num_parameters"})
+
+    def check(self, attributes, tensors):
+        return _sized("weight", tensors, attributes["num_parameters"], "num_parameters")
+
+    def derive(self, module, shapes):
+        return {"num_parameters": shapes["weight"][0]}
 
 
 def _sized(name: str, tensors: Mapping[str, torch.Tensor], size: int, attribute: str) -> str | None:
@@ -170,4 +182,7 @@ for _dims, (_conv, _transposed) in enumerate(
     register(_transposed, ConvRule(_dims, transposed=True))
 register(nn.Linear, LinearRule())
 for _norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
-    register(_norm, BatchNormRule())
+    register(_norm, PerChannelNormRule())
+for _norm in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
+    register(_norm, PerChannelNormRule())
+register(nn.PReLU, PReLURule())

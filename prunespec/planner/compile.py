@@ -53,7 +53,10 @@ def compile_spec(
 
     for ci, consumer in enumerate(graph.consumers):
         if consumer.fixed:
-            continue  # it reads only pinned slots, all of them; a grouped weight's columns are not channels
+            continue  # it reads only pinned slots, all of them
+        if consumer.per_group:  # channels are tied across groups: group 0 speaks for all
+            kept[consumer.weight][consumer.axis] = sorted(c for c in resolution.columns[ci] if c < consumer.per_group)
+            continue
         present = layout.positions(consumer.slots)
         order = {p: i for i, p in enumerate(present)}
         columns = [p for p in present if p in resolution.columns[ci]]

@@ -104,6 +104,8 @@ class Consumer:
     axis: int  # the weight's input-channel axis
     slots: list[int]
     fixed: str | None = None  # why this consumer cannot drop inputs, if it cannot
+    no_gather: str | None = None  # why it cannot read a subset of its input (it drops only what goes everywhere)
+    per_group: int | None = None  # a grouped weight's input axis holds one group: this many columns
 
 
 @dataclass

@@ -94,17 +94,37 @@ def _input_slots(tr: Tracer, x: torch.Tensor, axis: int) -> list[int]:
     return tr.slots.new(x.shape[axis], pin=tr.why_unlabelled(x))
 
 
-def _mix(tr: Tracer, weight: str, bias, x, out, in_axis: int, out_axis: int, x_axis: int, y_axis: int, fixed=None):
-    """Record a weight that mixes all input channels into new output channels (a producer and a consumer)."""
+def _mix(tr: Tracer, weight: str, bias, x, out, in_axis: int, out_axis: int, x_axis: int, y_axis: int, groups=1):
+    """Record a weight that mixes input channels into new output channels (a producer and a consumer).
+
+    With `groups > 1` every group must keep the same number of channels, so the planner ties channel `j` of each
+    group to channel `j` of the others: they are kept or removed together, and the weight's per-group axis keeps
+    the same positions for every group.
+    """
     reads = _input_slots(tr, x, x_axis)
-    if fixed:
-        tr.slots.pin(reads, fixed)
-    tr.graph.consumers.append(Consumer(weight, in_axis, reads, fixed))
-    made = tr.slots.new(out.shape[y_axis], pin=fixed)
+    made = tr.slots.new(out.shape[y_axis])
+    no_gather = tr.why_no_gather(weight, x)
+    per_group = None
+    written = made
+    if groups > 1:
+        _tie_groups(tr, reads, groups)
+        _tie_groups(tr, made, groups)
+        no_gather = f"{weight} is a grouped convolution (groups={groups}); every group keeps the same positions"
+        if in_axis == 1:
+            per_group = len(reads) // groups  # [out, in/groups, *k]: the input axis counts one group
+        else:
+            written = made[: len(made) // groups]  # transposed: [in, out/groups, *k]
+    tr.graph.consumers.append(Consumer(weight, in_axis, reads, no_gather=no_gather, per_group=per_group))
     tr.graph.producers.append(Producer(weight, out_axis, made))
-    tr.graph.bindings.append(Binding(weight, out_axis, made))
+    tr.graph.bindings.append(Binding(weight, out_axis, written))
     _bind_bias(tr, bias, made)
     tr.set(out, ChannelMap(y_axis, made))
+
+
+def _tie_groups(tr: Tracer, slots: list[int], groups: int) -> None:
+    size = len(slots) // groups
+    for g in range(1, groups):
+        tr.slots.union_all(slots[:size], slots[g * size : (g + 1) * size])
 
 
 def _bind_bias(tr: Tracer, bias, slots: list[int]) -> None:
@@ -144,7 +164,7 @@ def conv(tr: Tracer, args, kwargs, out) -> None:
         tr.graph.bindings.append(Binding(name, 0, cmap.slots))
         _bind_bias(tr, bias, cmap.slots)
         return tr.set(out, cmap)
-    _mix(tr, name, bias, x, out, in_axis, out_axis, 1, 1, fixed=f"{name} is a grouped convolution (groups={groups})")
+    _mix(tr, name, bias, x, out, in_axis, out_axis, 1, 1, groups=groups)
 
 
 @rule("linear")
@@ -174,6 +194,58 @@ def batch_norm(tr: Tracer, args, kwargs, out) -> None:
         name = tr.name(t)
         if name is None:
             tr.slots.pin(cmap.slots, "is normalised with statistics that are not model tensors")
+        else:
+            tr.graph.bindings.append(Binding(name, 0, cmap.slots))
+    tr.set(out, cmap)
+
+
+@rule("instance_norm")
+def instance_norm(tr: Tracer, args, kwargs, out) -> None:
+    """Instance norm has per-channel statistics, like batch norm, and the same argument order."""
+    batch_norm(tr, args, kwargs, out)
+
+
+@rule("layer_norm", "group_norm")
+def shared_statistics_norm(tr: Tracer, args, kwargs, out) -> None:
+    """Layer and group norm compute statistics across channels: removing one would change the others.
+
+    The channels they normalise together are kept; the output carries the same labels, so the layers after it can
+    still drop what they do not read. A layer norm over other axes (channels outside the normalised shape) keeps
+    its channels apart, and they stay free.
+    """
+    x = _arg(args, kwargs, 0, "input")
+    cmap = tr.channels(x)
+    if cmap is None:
+        return _untrack(tr, out, x)
+    if tr.current_op == "layer_norm":
+        normalized = len(_arg(args, kwargs, 1, "normalized_shape"))
+        first = x.ndim - normalized
+        weight, bias = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
+    else:
+        first = 1
+        weight, bias = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
+    if cmap.axis >= first:
+        tr.slots.pin(cmap.slots, f"is normalised together with other channels by {tr.current_op}")
+        for t in (weight, bias):
+            name = tr.name(t)
+            if name is not None and t.ndim > cmap.axis - first:
+                tr.graph.bindings.append(Binding(name, cmap.axis - first, cmap.slots))
+    tr.set(out, cmap)
+
+
+@rule("prelu")
+def prelu(tr: Tracer, args, kwargs, out) -> None:
+    """PReLU has one slope per channel (axis 1), or one shared slope."""
+    x, weight = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
+    cmap = tr.channels(x)
+    if cmap is None:
+        return _untrack(tr, out, x)
+    if cmap.axis != 1 and weight.numel() != 1:
+        return opaque(tr, args, kwargs, out)
+    if weight.numel() != 1:
+        name = tr.name(weight)
+        if name is None:
+            tr.slots.pin(cmap.slots, "has PReLU slopes that are not model parameters")
         else:
             tr.graph.bindings.append(Binding(name, 0, cmap.slots))
     tr.set(out, cmap)
@@ -280,6 +352,30 @@ def cat(tr: Tracer, args, kwargs, out) -> None:
             tr.slots.union_all(maps[0].slots, m.slots)
         return tr.set(out, ChannelMap(axis, maps[0].slots))
     opaque(tr, args, kwargs, out, "is concatenated with tensors the planner cannot line up")
+
+
+@rule("chunk", "split", "tensor_split", "unbind")
+@unary
+def chunk(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
+    """Splitting along other axes keeps the labels; ``chunk(n)`` along the channels splits them evenly.
+
+    After pruning, ``chunk(n)`` still cuts the (smaller) tensor into n equal parts, so channel `j` of every part
+    is tied to channel `j` of the others. Split sizes written as numbers would not shrink: those are opaque.
+    """
+    dim = _arg(args, kwargs, 2 if tr.current_op != "unbind" else 1, "dim", 0) % x.ndim
+    parts = list(out) if isinstance(out, (tuple, list)) else [out]
+    if dim != cmap.axis:
+        for part in parts:
+            tr.set(part, ChannelMap(cmap.axis - (tr.current_op == "unbind" and dim < cmap.axis), cmap.slots))
+        return
+    size = x.shape[dim]
+    n = len(parts)
+    if tr.current_op != "chunk" or size % n or any(p.shape[dim] != size // n for p in parts):
+        return opaque(tr, args, kwargs, out, f"is split along its channels by '{tr.current_op}' with fixed sizes")
+    step = size // n
+    _tie_groups(tr, cmap.slots, n)
+    for i, part in enumerate(parts):
+        tr.set(part, ChannelMap(dim, cmap.slots[i * step : (i + 1) * step]))
 
 
 @rule("flatten")

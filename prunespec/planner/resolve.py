@@ -99,7 +99,8 @@ def resolve(
     columns, last = [], {}
     for ci, consumer in enumerate(graph.consumers):
         present = [col for col, s in enumerate(consumer.slots) if find(s) not in dropped]
-        keep = {col for col in present if constrained or not asked(ci, col)}
+        gather = not (constrained or consumer.no_gather)
+        keep = {col for col in present if not (gather and asked(ci, col))}
         if present and not keep:
             keep = {present[0]}
             last[ci] = present[0]
@@ -114,7 +115,7 @@ def _notes(graph, pruned_inputs, pruned_outputs, dropped, columns, last) -> list
     for ci, consumer in enumerate(graph.consumers):
         for col in sorted(pruned_inputs.get(consumer.weight, ())):
             if col in columns[ci]:
-                reason = consumer.fixed or graph.slots.pinned(consumer.slots[col])
+                reason = consumer.fixed or graph.slots.pinned(consumer.slots[col]) or consumer.no_gather
                 if last.get(ci) == col:
                     reason = f"is the last input channel {consumer.weight} would keep"
                 reason = reason or "still read by other layers"

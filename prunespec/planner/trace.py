@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 import torch
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
@@ -41,6 +42,9 @@ class Tracer(TorchFunctionMode):
         # id -> (tensor, map); holding the tensor keeps its id from being reused during the trace
         self._maps: dict[int, tuple[torch.Tensor, ChannelMap]] = {}
         self._why: dict[int, tuple[torch.Tensor, str]] = {}
+        # The modules whose forward is running, innermost last, with the tensor each was called with.
+        self._module_names = {id(m): name for name, m in model.named_modules()}
+        self._running: list[tuple[str | None, object]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -70,6 +74,25 @@ class Tracer(TorchFunctionMode):
             return entry[1]
         return "comes from a model input or a tensor made in forward"
 
+    def why_no_gather(self, weight: str, x: torch.Tensor) -> str | None:
+        """Why a consumer of `weight` reading `x` could not gather its input, or None if it can.
+
+        The applier gathers in a forward pre-hook of the module that owns the weight, so the op must run directly
+        inside that module's forward, on the tensor the module was called with.
+        """
+        owner = weight.rpartition(".")[0]
+        if not self._running or self._running[-1][0] != owner:
+            return f"{weight} is used outside the forward of its module"
+        if self._running[-1][1] is not x:
+            return f"{weight} reads a tensor its module computes in forward, not the module's input"
+        return None
+
+    def enter(self, module, args) -> None:
+        self._running.append((self._module_names.get(id(module)), args[0] if args else None))
+
+    def leave(self, module, args, out) -> None:
+        self._running.pop()
+
     def name(self, t) -> str | None:
         return self.names.get(id(t)) if isinstance(t, torch.Tensor) else None
 
@@ -94,11 +117,15 @@ def trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> ChannelGrap
     """
     modes = {m: m.training for m in model.modules()}
     tracer = Tracer(model)
+    # Global hooks, not hooks on the model: they see every module's forward and leave the model untouched.
+    hooks = [register_module_forward_pre_hook(tracer.enter), register_module_forward_hook(tracer.leave)]
     try:
         model.eval()
         with torch.no_grad(), tracer:
             out = model(*inputs)
     finally:
+        for handle in hooks:
+            handle.remove()
         for m, training in modes.items():
             m.training = training
     for t in tree_leaves(out):
