@@ -344,7 +344,25 @@ class Conv1d3d(nn.Module):
         return self.c4(F.relu(self.c3(y[:, :, None, None, :])))
 
 
+class Reshapes(nn.Module):
+    """Two reshapes: one that re-reads its sizes from the tensor, one with the channel count written in."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.fa = nn.Linear(8, 5)
+        self.fb = nn.Linear(8, 5)
+
+    def forward(self, x):
+        ya = F.relu(self.a(x))
+        ya = ya.reshape(ya.shape[0], ya.shape[1], -1)  # (n, c, h*w): follows pruning
+        yb = F.relu(self.b(x)).view(-1, 8, 64)  # the 8 is a constant: must not shrink
+        return self.fa(ya.transpose(1, 2)) + self.fb(yb.transpose(1, 2))
+
+
 SMALL_NETS = {
+    "reshapes": (Reshapes, [(2, 3, 8, 8)]),
     "channels_last": (ChannelsLast, [(2, 3, 8, 8)]),
     "norms": (Norms, [(2, 3, 8, 8)]),
     "chunked": (Chunked, [(2, 3, 8, 8)]),

@@ -161,3 +161,11 @@ def test_weights_used_outside_their_module_are_never_gathered(tmp_path):
     assert "not the module's input" in reasons["reflect.weight"]
     assert pruned.qkv.out_features == 11 and "proj.weight" not in reasons  # the hidden channel goes everywhere
     assert spec.summary.subselections == 0
+
+
+def test_reshape_follows_run_time_sizes_and_keeps_written_ones(tmp_path):
+    model, inputs = build("reshapes")
+    request = [("a.weight", 1), ("b.weight", 1)]
+    spec, pruned, _ = assert_invariant(model, inputs, tmp_path, pruned_outputs=request)
+    assert pruned.a.out_channels == 7 and pruned.b.out_channels == 8
+    assert [k.tensor for k in spec.kept] == ["b.weight"] and "reshaped" in spec.kept[0].reason

@@ -2,7 +2,7 @@
 
 The pipeline is one file per stage, read in this order: `trace` (with the per-op rules in `ops`) builds a
 `graph.ChannelGraph`; `resolve` decides which channels go; `reorder` chooses their order; `compile` writes the
-spec. `plan` below runs them all.
+spec; `verify` checks plans that rely on ops followed on trust. `plan` below runs them all.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from prunespec.planner.graph import ChannelGraph
 from prunespec.planner.reorder import Layout
 from prunespec.planner.resolve import resolve
 from prunespec.planner.trace import trace
+from prunespec.planner.verify import suspects_to_pin
 from prunespec.schemas import PruningSpec, Request
 
 Channels = Iterable[tuple[str, int]]
@@ -54,7 +55,6 @@ def plan(
         pruned_inputs, pruned_outputs = zeroed_channels(model, graph)
     requested_inputs = _requests(pruned_inputs or [], {c.weight: len(c.slots) for c in graph.consumers}, "input")
     requested_outputs = _requests(pruned_outputs or [], {p.weight: len(p.slots) for p in graph.producers}, "output")
-    resolution = resolve(graph, requested_inputs, requested_outputs, constrained)
     order = [name for name, _ in model.named_parameters()]
     request = Request(
         pruned_inputs=channel_requests(requested_inputs, order),
@@ -63,7 +63,22 @@ def plan(
         reorder=reorder,
         zeroed=zeroed,
     )
-    return compile_spec(model, inputs, graph, resolution, Layout(graph, resolution, reorder), request)
+
+    def compiled() -> tuple[PruningSpec, set[int]]:
+        resolution = resolve(graph, requested_inputs, requested_outputs, constrained)
+        layout = Layout(graph, resolution, reorder)
+        return compile_spec(model, inputs, graph, resolution, layout, request), resolution.dropped
+
+    spec, dropped = compiled()
+    for _ in graph.suspects:  # each round keeps the channels of at least one suspect, so this ends
+        at_stake = [s for s in graph.suspects if any(graph.slots.find(slot) in dropped for slot in s.slots)]
+        culprits = suspects_to_pin(model, inputs, spec, at_stake) if at_stake else []
+        if not culprits:
+            break
+        for suspect in culprits:
+            graph.slots.pin(suspect.slots, suspect.reason)
+        spec, dropped = compiled()
+    return spec
 
 
 def _requests(pairs: Channels, sizes: dict[str, int], side: str) -> dict[str, set[int]]:

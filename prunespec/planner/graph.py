@@ -134,3 +134,5 @@ class ChannelGraph:
     consumers: list[Consumer] = field(default_factory=list)
     bindings: list[Binding] = field(default_factory=list)
     macs: list[Macs] = field(default_factory=list)
+    # Ops followed on trust (a size written as a number might be a constant): `verify.Suspect` records.
+    suspects: list = field(default_factory=list)

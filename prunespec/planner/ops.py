@@ -19,6 +19,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from prunespec.planner.graph import Binding, ChannelMap, Consumer, Macs, Producer
+from prunespec.planner.verify import Suspect, shape_arguments
 
 if TYPE_CHECKING:
     from prunespec.planner.trace import Tracer
@@ -403,24 +404,26 @@ def _flattened(tr: Tracer, x, cmap: ChannelMap, start: int, end: int, args, kwar
 @rule("view", "reshape")
 @unary
 def reshape(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
-    """Only shape-preserving views and ``x.view(n, -1)``-style flattening, with the size left to ``-1``.
+    """Reshapes that keep the channel axis whole, or flatten it into ``x.view(n, -1)``.
 
-    A size written as a number would stay that number after pruning, so anything else is opaque.
+    The channel axis survives a reshape when some output axis has its size and the same product of sizes before
+    it. The new shape is evaluated again after pruning: a channel size of ``-1`` follows; a number may come from
+    ``x.shape`` at run time or be a constant the planner cannot see. Such a reshape is followed on trust and
+    recorded as a *suspect*: `plan` checks the result and keeps these channels if the pruned model differs.
     """
-    shape = args[1:] if len(args) > 1 else (kwargs.get("shape") or ())
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
-        shape = tuple(shape[0])
+    shape = shape_arguments(args, kwargs)
+    if not isinstance(out, torch.Tensor) or len(shape) != out.ndim:
+        return opaque(tr, args, kwargs, out)
     a = cmap.axis
-    if isinstance(out, torch.Tensor) and out.shape == x.shape:
-        return tr.set(out, cmap)
-    flattening = (
-        isinstance(out, torch.Tensor)
-        and out.ndim == a + 1
-        and tuple(out.shape[:a]) == tuple(x.shape[:a])
-        and len(shape) == a + 1
-        and shape[a] == -1
-    )
-    if flattening:
+    before = math.prod(x.shape[:a])
+    for b in range(out.ndim):
+        if math.prod(out.shape[:b]) == before and out.shape[b] == x.shape[a]:
+            if shape[b] != -1:
+                why = f"is reshaped by '{tr.current_op}' with its channel count written as a number"
+                ordinal = tr.op_counts[tr.current_op] - 1
+                tr.graph.suspects.append(Suspect(tr.current_op, ordinal, b, a, cmap.slots, why))
+            return tr.set(out, ChannelMap(b, cmap.slots))
+    if out.ndim == a + 1 and tuple(out.shape[:a]) == tuple(x.shape[:a]) and shape[a] == -1:
         return tr.set(out, _flattened(tr, x, cmap, a, x.ndim - 1, args, kwargs, out))
     opaque(tr, args, kwargs, out, "is reshaped in a way that would not follow pruning")
 

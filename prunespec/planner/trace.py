@@ -38,6 +38,7 @@ class Tracer(TorchFunctionMode):
         for name, t in model.named_buffers():
             self.names[id(t)] = name
         self.current_op = ""  # the name of the op whose rule is running
+        self.op_counts: Counter[str] = Counter()  # calls so far per op name, to find an op again in another run
         self.calls: Counter[str] = Counter()  # weight name -> number of calls
         # id -> (tensor, map); holding the tensor keeps its id from being reused during the trace
         self._maps: dict[int, tuple[torch.Tensor, ChannelMap]] = {}
@@ -50,6 +51,7 @@ class Tracer(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self.current_op = getattr(func, "__name__", "")
+        self.op_counts[self.current_op] += 1
         ops.RULES.get(self.current_op, ops.opaque)(self, args, kwargs, out)
         return out
 

@@ -1,0 +1,98 @@
+"""Verify: apply a compiled spec to a copy of the model and find the ops that were wrongly trusted.
+
+Start with `suspects_to_pin`. Tracing sees sizes as plain numbers, so it cannot tell ``x.view(n, c, -1)`` with `c`
+read from ``x.shape`` (which follows pruning) from the same call with `c` written as a constant (which does not).
+The planner follows such ops on trust and records them as `Suspect`s. When a plan removes channels that flow
+through a suspect, `plan` runs the pruned copy once under `SizeProbe`, which looks at each suspect op again: a size
+that came from the tensor now equals the pruned channel count; a constant still holds the old one. The channels of
+the constants are then kept, and the plan is compiled again. As a last guard the pruned copy's output is compared
+with the mock's on the example inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from prunespec.applier import mock, prune
+from prunespec.schemas import PruningSpec
+
+# Generous for float32 summation noise, far below what reinterpreting the channels of a tensor produces.
+RELATIVE_TOLERANCE = 1e-4
+
+
+@dataclass
+class Suspect:
+    """The `ordinal`-th call of `op`, whose size argument at `position` was taken to be the channel count."""
+
+    op: str
+    ordinal: int
+    position: int  # index into the op's shape arguments
+    axis: int  # the input's channel axis
+    slots: list[int]
+    reason: str
+
+
+def shape_arguments(args: tuple, kwargs: dict) -> tuple:
+    """The target shape of a ``view``/``reshape`` call, however it was written."""
+    shape = args[1:] if len(args) > 1 else (kwargs.get("shape") or ())
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = tuple(shape[0])
+    return tuple(shape)
+
+
+class SizeProbe(TorchFunctionMode):
+    """Counts calls per op name like the tracer does, and checks each suspect's size against the pruned tensor."""
+
+    def __init__(self, suspects: Sequence[Suspect]) -> None:
+        super().__init__()
+        self.waiting = {(s.op, s.ordinal): s for s in suspects}
+        self.counts: Counter[str] = Counter()
+        self.constants: list[Suspect] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        suspect = self.waiting.pop((name, self.counts[name]), None)
+        self.counts[name] += 1
+        if suspect is not None and shape_arguments(args, kwargs)[suspect.position] != args[0].shape[suspect.axis]:
+            self.constants.append(suspect)
+        return func(*args, **kwargs)
+
+
+def suspects_to_pin(
+    model: torch.nn.Module, inputs: Sequence[torch.Tensor], spec: PruningSpec, at_stake: Sequence[Suspect]
+) -> list[Suspect]:
+    """The suspects whose channels must be kept for `spec` to be exact; empty when it already is."""
+    probe = SizeProbe(at_stake)
+    with torch.no_grad():
+        expected = tree_leaves(mock(model, spec).eval()(*inputs))
+        pruned = prune(copy.deepcopy(model).eval(), spec)
+        try:
+            with probe:
+                actual = tree_leaves(pruned(*inputs))
+        except RuntimeError:
+            return probe.constants or list(at_stake)
+    if probe.constants:
+        return probe.constants
+    return [] if _same(actual, expected) else list(at_stake)
+
+
+def _same(actual: list, expected: list) -> bool:
+    if len(actual) != len(expected):
+        return False
+    for a, e in zip(actual, expected):
+        if not isinstance(e, torch.Tensor) or not e.numel():
+            continue
+        if not isinstance(a, torch.Tensor) or a.shape != e.shape:
+            return False
+        scale = max(1.0, e.abs().max().item())
+        if (a.double() - e.double()).abs().max().item() > RELATIVE_TOLERANCE * scale:
+            return False
+    return True
