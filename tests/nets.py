@@ -361,7 +361,29 @@ class Reshapes(nn.Module):
         return self.fa(ya.transpose(1, 2)) + self.fb(yb.transpose(1, 2))
 
 
+class Attention(nn.Module):
+    """Multi-head attention (heads stay whole, the output projection prunes) and scaled_dot_product_attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.fc = nn.Linear(16, 12)
+        self.q = nn.Linear(12, 8)
+        self.k = nn.Linear(12, 8)
+        self.v = nn.Linear(12, 10)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        t = self.embed(x)
+        a, _ = self.mha(t, t, t, need_weights=False)
+        h = F.relu(self.fc(a))
+        o = F.scaled_dot_product_attention(self.q(h), self.k(h), self.v(h))
+        return self.head(o)
+
+
 SMALL_NETS = {
+    "attention": (Attention, [(2, 5, 6)]),
     "reshapes": (Reshapes, [(2, 3, 8, 8)]),
     "channels_last": (ChannelsLast, [(2, 3, 8, 8)]),
     "norms": (Norms, [(2, 3, 8, 8)]),

@@ -252,6 +252,50 @@ def prelu(tr: Tracer, args, kwargs, out) -> None:
     tr.set(out, cmap)
 
 
+@rule("multi_head_attention_forward", "_native_multi_head_attention")
+def attention(tr: Tracer, args, kwargs, out) -> None:
+    """Multi-head attention: the heads need the whole embedding, but the output projection is a producer.
+
+    Query, key and value keep their channels (the per-head split and the 1/sqrt(head_dim) scale depend on the
+    embedding size); the rows of ``out_proj`` are new channels that the layers after the attention may prune.
+    """
+    native = tr.current_op == "_native_multi_head_attention"
+    in_weight = _arg(args, kwargs, 5, "qkv_weight" if native else "in_proj_weight")
+    out_weight = _arg(args, kwargs, 7 if native else 11, "proj_weight" if native else "out_proj_weight")
+    out_bias = _arg(args, kwargs, 8 if native else 12, "proj_bias" if native else "out_proj_bias")
+    y = out[0] if isinstance(out, (tuple, list)) else out
+    name = tr.name(out_weight)
+    if name is None or not isinstance(y, torch.Tensor):
+        return opaque(tr, args, kwargs, out)
+    why = "is attended to by multi-head attention, whose heads need the whole embedding"
+    unit = y.numel() // y.shape[-1]
+    in_name = tr.name(in_weight)
+    if in_name is not None:  # a consumer that cannot drop anything, so requests on it are reported
+        query = _arg(args, kwargs, 0, "query")
+        tr.graph.consumers.append(Consumer(in_name, 1, _input_slots(tr, query, query.ndim - 1), fixed=why))
+        tr.graph.macs.append(Macs(in_name, unit))
+    tr.pin_inputs(args, kwargs, why)
+    _untrack(tr, out)
+    tr.calls[name] += 1
+    tr.graph.macs.append(Macs(name, unit))
+    made = tr.slots.new(y.shape[-1])
+    tr.graph.producers.append(Producer(name, 0, made))
+    tr.graph.bindings.append(Binding(name, 0, made))
+    _bind_bias(tr, out_bias, made)
+    tr.set(y, ChannelMap(y.ndim - 1, made))
+
+
+@rule("scaled_dot_product_attention")
+def scaled_dot_product_attention(tr: Tracer, args, kwargs, out) -> None:
+    """The output's channels are the value's, one to one; query and key channels are mixed into the scores."""
+    query, key, value = (_arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
+    tr.pin_inputs((query, key), {}, "is a query or key of scaled_dot_product_attention")
+    cmap = tr.channels(value)
+    if cmap is None or cmap.axis != value.ndim - 1 or out.shape[-1] != value.shape[-1]:
+        return opaque(tr, args, kwargs, out, "is a value of scaled_dot_product_attention")
+    tr.set(out, ChannelMap(out.ndim - 1, cmap.slots))
+
+
 # ------------------------------------------------------------------------------------------ element-wise
 
 
