@@ -35,7 +35,9 @@ __all__ = [
 ]
 
 
-def plan(model, example_inputs, pruned_inputs=None, pruned_outputs=None, constrained=False, reorder=True):
+def plan(
+    model, example_inputs, pruned_inputs=None, pruned_outputs=None, constrained=False, reorder=True, strict=False
+):
     """Trace `model` on `example_inputs` and compile the requested channels into a `PruningSpec`.
 
     See `prunespec.planner.plan` for the arguments.
@@ -49,6 +51,7 @@ def plan(model, example_inputs, pruned_inputs=None, pruned_outputs=None, constra
         pruned_outputs=pruned_outputs,
         constrained=constrained,
         reorder=reorder,
+        strict=strict,
     )
 
 

@@ -172,6 +172,9 @@ def plan_command(
     reorder: Annotated[
         bool, typer.Option("--reorder/--no-reorder", help="Permute channels so that gathers become slices.")
     ] = True,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Fail instead of keeping requested channels the planner cannot remove.")
+    ] = False,
 ) -> None:
     """Trace MODEL and write a pruning spec. Without --prune-input/--prune-output, prunes all-zero channels."""
     with _reporting_errors():
@@ -193,6 +196,7 @@ def plan_command(
             pruned_outputs=pruned_outputs if named else None,
             constrained=constrained,
             reorder=reorder,
+            strict=strict,
         )
         spec.model = model
         spec.save(output)
@@ -396,7 +400,7 @@ def describe_plan(spec: prunespec.PruningSpec, output: Path) -> str:
     ]
     if spec.kept:
         lines.append(f"  kept {len(spec.kept)} requested group(s) of channels:")
-        lines.extend(f"    {k.tensor} {k.side} channels {k.channels}: {k.reason}" for k in spec.kept)
+        lines.extend(f"    {k.tensor} {k.side} channels {k.channels} kept: {k.reason}" for k in spec.kept)
     return "\n".join(lines)
 
 

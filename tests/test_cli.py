@@ -336,3 +336,15 @@ def test_torchvision_builders_get_no_pretrained_backbone() -> None:
     # Would try to download ResNet-50 weights if weights_backbone were not set to None.
     model = build_model("torchvision:fcn_resnet50")
     assert isinstance(model, torch.nn.Module)
+
+
+def test_strict_turns_kept_channels_into_an_error(tmp_path: Path) -> None:
+    out = tmp_path / "strict.prunespec.json"
+    args = ["plan", TINY, "-o", str(out), "--input-shape", SMALL, "--prune-output", "7.weight:1"]
+    relaxed = CliRunner().invoke(app, args)
+    assert relaxed.exit_code == 0, relaxed.output
+    assert "7.weight output channels 1 kept: reaches the model output" in relaxed.output
+    out.unlink()
+    strict = CliRunner().invoke(app, [*args, "--strict"])
+    assert_one_line_error(strict, "strict: 7.weight output channels 1 would be kept (reaches the model output)")
+    assert not out.exists()

@@ -30,6 +30,7 @@ def plan(
     pruned_outputs: Channels | None = None,
     constrained: bool = False,
     reorder: bool = True,
+    strict: bool = False,
 ) -> PruningSpec:
     """Compile "remove these channels" into a spec for `model`.
 
@@ -40,6 +41,7 @@ def plan(
         pruned_outputs: ``(weight name, output channel)`` pairs of producers; the channel goes everywhere.
         constrained: grow the removed set until no activation has to be gathered at run time.
         reorder: permute channels so that gathers become slices where possible.
+        strict: raise `PlanError` instead of keeping requested channels the planner cannot remove.
 
     With neither `pruned_inputs` nor `pruned_outputs`, the channels whose weights are all zero are pruned.
 
@@ -78,6 +80,13 @@ def plan(
         for suspect in culprits:
             graph.slots.pin(suspect.slots, suspect.reason)
         spec, dropped = compiled()
+    if strict and spec.kept:
+        first = spec.kept[0]
+        more = f" (and {len(spec.kept) - 1} more groups)" if len(spec.kept) > 1 else ""
+        raise PlanError(
+            f"strict: {first.tensor} {first.side} channels {first.channels} would be kept ({first.reason}){more}; "
+            "drop --strict to keep them, or ask for other channels"
+        )
     return spec
 
 
