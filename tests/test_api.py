@@ -81,3 +81,42 @@ def test_a_spec_that_does_not_fit_changes_nothing():
     with pytest.raises(prunespec.SpecError, match="fingerprint"):
         prunespec.prune(other, spec)
     assert all(torch.equal(state[k], v) for k, v in other.state_dict().items())
+
+
+def test_planning_uses_fake_tensors_so_input_size_costs_nothing():
+    """A 4096x4096 batch of 8 would need tens of GB as real activations; shapes alone are enough to plan."""
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.empty(8, 3, 4096, 4096, device="meta")
+    spec = prunespec.plan(model, [x], [("layer2.0.conv1.weight", 3)])
+    assert spec.inputs[0].shape == [8, 3, 4096, 4096]
+    assert spec.layers["layer2.0.conv1"].input is not None
+
+
+class _LooksAtValues(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 6, 1)
+        self.b = torch.nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if x.mean() > -1e9:  # data-dependent: fake tensors cannot answer, so tracing falls back to real ones
+            y = torch.relu(y)
+        return self.b(y)
+
+
+def test_data_dependent_models_fall_back_to_a_real_trace(tmp_path, monkeypatch):
+    from invariant import assert_invariant
+    tracing = sys.modules["prunespec.planner.trace"]
+
+    runs = []
+    real_trace = tracing._trace
+    monkeypatch.setattr(tracing, "_trace", lambda *a, fake: runs.append(fake) or real_trace(*a, fake=fake))
+
+    model = _LooksAtValues().double().eval()
+    x = [torch.randn(2, 3, 4, 4, dtype=torch.float64)]
+    _, pruned, _ = assert_invariant(model, x, tmp_path, pruned_inputs=[("b.weight", 4)])
+    assert pruned.a.out_channels == 5
+    assert runs[:2] == [True, False]

@@ -11,10 +11,12 @@ module — the graph speaks in parameter names.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
@@ -105,10 +107,12 @@ class Tracer(TorchFunctionMode):
                 self.slots.pin(cmap.slots, reason)
 
 
-def trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> ChannelGraph:
+def trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], fake: bool = True) -> ChannelGraph:
     """Run `model(*inputs)` in eval mode without gradients and return its channel graph.
 
-    The model's train/eval modes are restored afterwards; nothing else about it changes.
+    With `fake`, activations are fake tensors (shapes and dtypes, no data), so tracing costs the same at any input
+    resolution or batch size; a model whose forward looks at values falls back to a real run. The model's
+    train/eval modes are restored afterwards; nothing else about it changes.
 
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
     >>> graph = trace(net, [torch.rand(1, 3, 5, 5)])
@@ -117,14 +121,27 @@ def trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> ChannelGrap
     >>> graph.slots.pinned(graph.producers[1].slots[0])  # the last layer writes the output
     'reaches the model output'
     """
+    if fake:
+        try:
+            return _trace(model, inputs, fake=True)
+        except Exception:  # data-dependent control flow, ops without a fake implementation, ...
+            pass
+    return _trace(model, inputs, fake=False)
+
+
+def _trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], fake: bool) -> ChannelGraph:
     modes = {m: m.training for m in model.modules()}
     tracer = Tracer(model)
     # Global hooks, not hooks on the model: they see every module's forward and leave the model untouched.
     hooks = [register_module_forward_pre_hook(tracer.enter), register_module_forward_hook(tracer.leave)]
+    # Parameters stay real (their identity names them); the fake mode converts them on the fly.
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     try:
         model.eval()
-        with torch.no_grad(), tracer:
-            out = model(*inputs)
+        with torch.no_grad(), fake_mode:
+            args = [_fake_input(fake_mode, x, model) for x in inputs] if fake else list(inputs)
+            with tracer:
+                out = model(*args)
     finally:
         for handle in hooks:
             handle.remove()
@@ -136,6 +153,17 @@ def trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> ChannelGrap
             tracer.slots.pin(cmap.slots, OUTPUT)
     _pin_shared_weights(tracer.graph, tracer.calls)
     return tracer.graph
+
+
+def _fake_input(fake_mode: FakeTensorMode, x, model: torch.nn.Module):
+    """A fake twin of `x`; a meta input (shape only) becomes fake on the device of the model's parameters."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.device.type != "meta":
+        return fake_mode.from_tensor(x)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with fake_mode:
+        return torch.empty(x.shape, dtype=x.dtype, device=device)
 
 
 def _pin_shared_weights(graph: ChannelGraph, calls: Counter) -> None:
