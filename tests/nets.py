@@ -208,7 +208,7 @@ class LayerScale(nn.Module):
 
 
 class UnknownOp(nn.Module):
-    """A channel shuffle and a custom autograd function the planner cannot follow: it must keep those channels."""
+    """A channel shuffle it follows, then a custom autograd function the planner cannot: it keeps those channels."""
 
     def __init__(self):
         super().__init__()
@@ -382,7 +382,24 @@ class Attention(nn.Module):
         return self.head(o)
 
 
+class Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle: split into groups, transpose, merge back."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.conv2 = nn.Conv2d(12, 6, 1)
+        self.head = nn.Conv2d(6, 3, 1)
+
+    def forward(self, x):
+        y = F.relu(self.conv1(x))
+        n, c, h, w = y.shape
+        y = y.view(n, 3, c // 3, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        return self.head(F.relu(self.conv2(y)))
+
+
 SMALL_NETS = {
+    "shuffle": (Shuffle, [(2, 3, 8, 8)]),
     "attention": (Attention, [(2, 5, 6)]),
     "reshapes": (Reshapes, [(2, 3, 8, 8)]),
     "channels_last": (ChannelsLast, [(2, 3, 8, 8)]),

@@ -87,6 +87,20 @@ class ChannelMap:
     slots: list[int]
 
 
+@dataclass(frozen=True)
+class SplitMap:
+    """Channels split over two axes, as in a channel shuffle's ``x.view(n, groups, c // groups, h, w)``.
+
+    Element ``(g, j)`` of axes ``(axis, axis + 1)`` carries ``slots[g * per_group + j]``; once `swapped` (after a
+    transpose of the two axes) element ``(j, g)`` does.
+    """
+
+    axis: int
+    groups: int
+    slots: list[int]
+    swapped: bool = False
+
+
 @dataclass
 class Producer:
     """An op that creates channels: its weight's output axis runs along new slots."""

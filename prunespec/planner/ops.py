@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils._pytree import tree_leaves
 
-from prunespec.planner.graph import Binding, ChannelMap, Consumer, Macs, Producer
+from prunespec.planner.graph import Binding, ChannelMap, Consumer, Macs, Producer, SplitMap
 from prunespec.planner.verify import Suspect, shape_arguments
 
 if TYPE_CHECKING:
@@ -316,7 +316,7 @@ def elementwise(tr: Tracer, args, kwargs, out) -> None:
     labelled = [(t, tr.channels(t)) for t in operands if tr.channels(t) is not None]
     axes = {cmap.axis + out.ndim - t.ndim for t, cmap in labelled}
     if not labelled:
-        return tr.set(out, None)
+        return _untrack(tr, out, operands[0] if operands else None)
     if len(axes) > 1:
         return opaque(tr, args, kwargs, out, "is combined with a tensor whose channels lie on another axis")
     axis = axes.pop()
@@ -459,6 +459,8 @@ def reshape(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
     if not isinstance(out, torch.Tensor) or len(shape) != out.ndim:
         return opaque(tr, args, kwargs, out)
     a = cmap.axis
+    if _splits_channels(x, out, a):
+        return _split(tr, cmap, shape, a, out)
     before = math.prod(x.shape[:a])
     for b in range(out.ndim):
         if math.prod(out.shape[:b]) == before and out.shape[b] == x.shape[a]:
@@ -470,6 +472,71 @@ def reshape(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
     if out.ndim == a + 1 and tuple(out.shape[:a]) == tuple(x.shape[:a]) and shape[a] == -1:
         return tr.set(out, _flattened(tr, x, cmap, a, x.ndim - 1, args, kwargs, out))
     opaque(tr, args, kwargs, out, "is reshaped in a way that would not follow pruning")
+
+
+def _splits_channels(x: torch.Tensor, out, a: int) -> bool:
+    """True for ``view(n, groups, c // groups, ...)``: the channel axis becomes two axes, nothing else changes."""
+    return (
+        isinstance(out, torch.Tensor)
+        and out.ndim == x.ndim + 1
+        and out.shape[:a] == x.shape[:a]
+        and out.shape[a + 2 :] == x.shape[a + 1 :]
+        and out.shape[a] > 1
+        and out.shape[a + 1] > 1
+    )
+
+
+def _split(tr: Tracer, cmap: ChannelMap, shape: tuple, a: int, out: torch.Tensor) -> None:
+    """Split the channels into groups; channel `j` of every group is tied to channel `j` of the others.
+
+    Each group then keeps the same positions, so after pruning ``c // groups`` still splits the channels evenly
+    and a shuffle of the pruned channels is the pruned shuffle.
+    """
+    groups = out.shape[a]
+    _tie_groups(tr, cmap.slots, groups)
+    if shape[a + 1] != -1:
+        why = f"is split into groups by '{tr.current_op}' with the group size written as a number"
+        ordinal = tr.op_counts[tr.current_op] - 1
+        tr.graph.suspects.append(Suspect(tr.current_op, ordinal, a + 1, a, cmap.slots, why, factor=groups))
+    tr.set_split(out, SplitMap(a, groups, cmap.slots))
+
+
+def split_rule(tr: Tracer, split: list[torch.Tensor], args, kwargs, out) -> None:
+    """Ops on channels split into groups: transposing the two axes, copying, and merging them back.
+
+    Anything else keeps the channels (the op might depend on the grouping in ways the planner cannot see).
+    """
+    x = args[0] if args else None
+    smap = tr.split_map(x)
+    op = tr.current_op
+    if smap is not None and split == [x] and isinstance(out, torch.Tensor):
+        a = smap.axis
+        if op in ("contiguous", "clone") and out.shape == x.shape:
+            return tr.set_split(out, smap)
+        if op in ("transpose", "swapaxes") and {d % x.ndim for d in args[1:3]} == {a, a + 1}:
+            return tr.set_split(out, SplitMap(a, smap.groups, smap.slots, not smap.swapped))
+        merges = out.ndim == x.ndim - 1 and out.shape[:a] == x.shape[:a] and out.shape[a + 1 :] == x.shape[a + 2 :]
+        if op in ("view", "reshape") and merges:
+            shape = shape_arguments(args, kwargs)
+            if shape[a] != -1:
+                why = f"is merged from groups by '{op}' with its channel count written as a number"
+                tr.graph.suspects.append(Suspect(op, tr.op_counts[op] - 1, a, a, smap.slots, why, span=2))
+            return tr.set(out, ChannelMap(a, _merged(smap)))
+    for t in split:
+        tr.slots.pin(tr.split_map(t).slots, f"is split into groups and passes through '{op}'")
+    _untrack(tr, out)
+
+
+def _merged(smap: SplitMap) -> list[int]:
+    """Slots in the order the merged axis holds them.
+
+    >>> _merged(SplitMap(1, 2, [0, 1, 2, 3, 4, 5], swapped=True))  # a shuffle of 2 groups of 3
+    [0, 3, 1, 4, 2, 5]
+    """
+    if not smap.swapped:
+        return smap.slots
+    size = len(smap.slots) // smap.groups
+    return [smap.slots[g * size + j] for j in range(size) for g in range(smap.groups)]
 
 
 @rule("__getitem__")

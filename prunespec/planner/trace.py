@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from prunespec.planner import ops
-from prunespec.planner.graph import ChannelGraph, ChannelMap
+from prunespec.planner.graph import ChannelGraph, ChannelMap, SplitMap
 
 OUTPUT = "reaches the model output"
 
@@ -45,6 +45,7 @@ class Tracer(TorchFunctionMode):
         # id -> (tensor, map); holding the tensor keeps its id from being reused during the trace
         self._maps: dict[int, tuple[torch.Tensor, ChannelMap]] = {}
         self._why: dict[int, tuple[torch.Tensor, str]] = {}
+        self._split: dict[int, tuple[torch.Tensor, SplitMap]] = {}  # tensors whose channels span two axes
         # The modules whose forward is running, innermost last, with the tensor each was called with.
         self._module_names = {id(m): name for name, m in model.named_modules()}
         self._running: list[tuple[str | None, object]] = []
@@ -54,7 +55,11 @@ class Tracer(TorchFunctionMode):
         out = func(*args, **kwargs)
         self.current_op = getattr(func, "__name__", "")
         self.op_counts[self.current_op] += 1
-        ops.RULES.get(self.current_op, ops.opaque)(self, args, kwargs, out)
+        split = [t for t in tree_leaves((args, kwargs)) if self.split_map(t) is not None]
+        if split:
+            ops.split_rule(self, split, args, kwargs, out)
+        else:
+            ops.RULES.get(self.current_op, ops.opaque)(self, args, kwargs, out)
         return out
 
     # ------------------------------------------------------------------ what rules use
@@ -63,8 +68,17 @@ class Tracer(TorchFunctionMode):
         entry = self._maps.get(id(t)) if isinstance(t, torch.Tensor) else None
         return entry[1] if entry is not None and entry[0] is t else None
 
+    def split_map(self, t) -> SplitMap | None:
+        entry = self._split.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0] is t else None
+
+    def set_split(self, t: torch.Tensor, smap: SplitMap) -> None:
+        self._maps.pop(id(t), None)
+        self._split[id(t)] = (t, smap)
+
     def set(self, t: torch.Tensor, cmap: ChannelMap | None, why: str | None = None) -> None:
         """Label `t`; with no map, `why` says what made it unfollowable (for the notes on kept channels)."""
+        self._split.pop(id(t), None)
         if cmap is None:
             self._maps.pop(id(t), None)
             if why is not None:

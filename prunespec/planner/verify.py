@@ -37,6 +37,15 @@ class Suspect:
     axis: int  # the input's channel axis
     slots: list[int]
     reason: str
+    span: int = 1  # the input's channels lie on this many axes from `axis` (2 once split into groups)
+    factor: int = 1  # the size at `position` times this is the channel count (the group count, for a split)
+
+    def holds(self, x: torch.Tensor, shape: tuple) -> bool:
+        """Whether the size argument still matches the channels of `x`, as a size read from `x` would."""
+        channels = 1
+        for n in x.shape[self.axis : self.axis + self.span]:
+            channels *= n
+        return shape[self.position] * self.factor == channels
 
 
 def shape_arguments(args: tuple, kwargs: dict) -> tuple:
@@ -61,7 +70,7 @@ class SizeProbe(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         suspect = self.waiting.pop((name, self.counts[name]), None)
         self.counts[name] += 1
-        if suspect is not None and shape_arguments(args, kwargs)[suspect.position] != args[0].shape[suspect.axis]:
+        if suspect is not None and not suspect.holds(args[0], shape_arguments(args, kwargs)):
             self.constants.append(suspect)
         return func(*args, **kwargs)
 
