@@ -56,6 +56,9 @@ def test_planning_leaves_the_model_as_it_was():
     assert {n: m.training for n, m in model.named_modules()} == modes
     assert all(p is params[n] for n, p in model.named_parameters())
     assert list(model.dw._forward_hooks) == [handle.id]
+    from torch.nn.modules import module as torch_module
+
+    assert not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks
     assert all(p.requires_grad for p in model.parameters())
 
 
