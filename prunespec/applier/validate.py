@@ -9,7 +9,6 @@ not fit raises `SpecError` here and the model stays exactly as it was. Every mes
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -18,7 +17,7 @@ from torch import nn
 
 from prunespec.applier.rules import Rule, rule_for
 from prunespec.errors import SpecError, nearest
-from prunespec.schemas import SCHEMA_VERSION, LayerSpec, PruningSpec, decode_runs
+from prunespec.schemas import SCHEMA_VERSION, LayerSpec, PruningSpec, parse_runs
 
 # The non-persistent buffer on a consumer that holds the input positions it reads; see `prune.InputSubselection`.
 INDICES_BUFFER = "_prunespec_input_indices"
@@ -42,7 +41,7 @@ class LayerChange:
     name: str
     module: nn.Module
     rule: Rule
-    kept: dict[str, list[list[int] | None]] = field(default_factory=dict)
+    kept: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
     """Per listed tensor, the kept indices per axis (None: axis untouched)."""
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     """The new value of each tensor that changes."""
@@ -129,8 +128,8 @@ def _check_layer(name: str, layer: LayerSpec, modules: dict[str, nn.Module]) -> 
             field_name = f"{where}: tensor {tensor_name!r} axis {axis}"
             kept = None if runs is None else _indices(runs, tensor.shape[axis], field_name)
             change.kept[tensor_name].append(kept)
-            if kept is not None and kept != list(range(tensor.shape[axis])):
-                tensor = tensor.index_select(axis, torch.tensor(kept, dtype=torch.long, device=tensor.device))
+            if kept is not None and not _is_identity(kept, tensor.shape[axis]):
+                tensor = tensor.index_select(axis, kept.to(tensor.device))
         if tensor is not tensors[tensor_name]:
             tensors[tensor_name] = change.tensors[tensor_name] = tensor
 
@@ -163,37 +162,45 @@ def _check_input(where: str, layer: LayerSpec, module: nn.Module, rule: Rule, af
     reads = rule.input_channels(after, tensors)
     if len(indices) != reads:
         raise SpecError(f"{where} indices: {len(indices)} given but the pruned {layer.type} reads {reads} channels")
-    start = indices[0] if indices else 0
-    contiguous = indices == list(range(start, start + len(indices)))
+    start = int(indices[0]) if len(indices) else 0
+    contiguous = bool((indices == torch.arange(start, start + len(indices))).all())
     device = next(iter(tensors.values())).device if tensors else None
     return InputGather(
         axis=rule.input_axis,
         channels=layer.input.channels,
-        indices=torch.tensor(indices, dtype=torch.long, device=device),
+        indices=indices.to(device),
         start=start if contiguous else None,
     )
 
 
-def _indices(runs: str, size: int, where: str) -> list[int]:
-    """Decode runs and check each index is in [0, size) and appears once.
+def _indices(runs: str, size: int, where: str) -> torch.Tensor:
+    """Decode runs into an index tensor, checking each index is in [0, size) and appears once.
 
-    >>> _indices("3-4,0", 5, "here")
+    Runs are checked before they are expanded, so a hostile ``'0-2000000000'`` costs nothing.
+
+    >>> _indices("3-4,0", 5, "here").tolist()
     [3, 4, 0]
     >>> _indices("1,1", 5, "here")
     Traceback (most recent call last):
     ...
     prunespec.errors.SpecError: here: index 1 appears twice
     """
-    if not isinstance(runs, str):
-        raise SpecError(f"{where}: {runs!r} is not a string of index runs like '0-4,7'")
-    # Range first, on the text, so that a hostile run like '0-2000000000' is refused before it is expanded.
-    for number in re.findall(r"[0-9]+", runs):
-        if int(number) >= size:
-            raise SpecError(f"{where}: index {int(number)} is out of range for size {size}")
-    indices = decode_runs(runs, where)
-    seen: set[int] = set()
-    for i in indices:
-        if i in seen:
-            raise SpecError(f"{where}: index {i} appears twice")
-        seen.add(i)
-    return indices
+    pairs = parse_runs(runs, where)
+    for lo, hi in pairs:
+        if hi >= size:
+            raise SpecError(f"{where}: index {lo if lo >= size else hi} is out of range for size {size}")
+    last = -1
+    for lo, hi in sorted(pairs):  # ascending runs overlap exactly when some index appears twice
+        if lo <= last:
+            raise SpecError(f"{where}: index {lo} appears twice")
+        last = hi
+    if not pairs:
+        return torch.empty(0, dtype=torch.long)
+    starts = torch.tensor([lo for lo, _ in pairs], dtype=torch.long)
+    lengths = torch.tensor([hi - lo + 1 for lo, hi in pairs], dtype=torch.long)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    return torch.arange(int(lengths.sum())) + torch.repeat_interleave(starts - offsets, lengths)
+
+
+def _is_identity(indices: torch.Tensor, size: int) -> bool:
+    return len(indices) == size and bool((indices == torch.arange(size)).all())

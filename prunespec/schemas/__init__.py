@@ -24,6 +24,7 @@ from prunespec.schemas.spec import (
     json_schema,
     load_spec,
     load_spec_bytes,
+    parse_runs,
     write_atomic,
 )
 
@@ -47,5 +48,6 @@ __all__ = [
     "json_schema",
     "load_spec",
     "load_spec_bytes",
+    "parse_runs",
     "write_atomic",
 ]

@@ -177,31 +177,38 @@ def encode_runs(indices: Sequence[int]) -> str:
     return ",".join(parts)
 
 
+def parse_runs(runs: str, where: str = "indices") -> list[tuple[int, int]]:
+    """The runs as inclusive ``(first, last)`` pairs, without expanding them.
+
+    >>> parse_runs('0-3,7,9-10')
+    [(0, 3), (7, 7), (9, 10)]
+    >>> parse_runs('4-2')
+    Traceback (most recent call last):
+    ...
+    prunespec.errors.SpecError: indices: run '4-2' must go upwards (write it as '2-4' or list the indices)
+    """
+    if not isinstance(runs, str) or not re.fullmatch(_RUNS_PATTERN, runs):
+        raise SpecError(f"{where}: {str(runs)[:40]!r} is not a list of index runs like '0-4,7'")
+    pairs = []
+    for part in runs.split(",") if runs else ():
+        start, dash, stop = part.partition("-")
+        lo = int(start)
+        hi = int(stop) if dash else lo
+        if hi > MAX_INDEX:
+            raise SpecError(f"{where}: index {hi} is too large")
+        if dash and hi <= lo:
+            raise SpecError(f"{where}: run {part!r} must go upwards (write it as '{hi}-{lo}' or list the indices)")
+        pairs.append((lo, hi))
+    return pairs
+
+
 def decode_runs(runs: str, where: str = "indices") -> list[int]:
     """Read runs back into a list; `where` names the field in error messages.
 
     >>> decode_runs('0-3,7,9-10,5')
     [0, 1, 2, 3, 7, 9, 10, 5]
-    >>> decode_runs('4-2')
-    Traceback (most recent call last):
-    ...
-    prunespec.errors.SpecError: indices: run '4-2' must go upwards (write it as '2-4' or list the indices)
     """
-    if not re.fullmatch(_RUNS_PATTERN, runs):
-        raise SpecError(f"{where}: {runs[:40]!r} is not a list of index runs like '0-4,7'")
-    out: list[int] = []
-    if not runs:
-        return out
-    for part in runs.split(","):
-        start, _, stop = part.partition("-")
-        lo = int(start)
-        hi = int(stop) if stop else lo
-        if hi > MAX_INDEX:
-            raise SpecError(f"{where}: index {hi} is too large")
-        if stop and hi <= lo:
-            raise SpecError(f"{where}: run {part!r} must go upwards (write it as '{hi}-{lo}' or list the indices)")
-        out.extend(range(lo, hi + 1))
-    return out
+    return [i for lo, hi in parse_runs(runs, where) for i in range(lo, hi + 1)]
 
 
 # ---------------------------------------------------------------------------------------------- JSON text
