@@ -398,7 +398,28 @@ class Shuffle(nn.Module):
         return self.head(F.relu(self.conv2(y)))
 
 
+class TokenNet(nn.Module):
+    """ViT-style tokens: patch embedding, a class token concatenated along the sequence, position embeddings,
+    a Swin-style roll of the token grid, and an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 12, 2, stride=2)
+        self.class_token = nn.Parameter(torch.randn(1, 1, 12))
+        self.pos = nn.Parameter(torch.randn(1, 17, 12))
+        self.fc1 = nn.Linear(12, 20)
+        self.fc2 = nn.Linear(20, 12)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x):
+        t = torch.roll(self.patch(x), shifts=(1, 1), dims=(2, 3)).flatten(2).transpose(1, 2)
+        t = torch.cat([self.class_token.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
+        t = t + self.fc2(F.gelu(self.fc1(t)))
+        return self.head(t[:, 0])
+
+
 SMALL_NETS = {
+    "tokens": (TokenNet, [(2, 3, 8, 8)]),
     "shuffle": (Shuffle, [(2, 3, 8, 8)]),
     "attention": (Attention, [(2, 5, 6)]),
     "reshapes": (Reshapes, [(2, 3, 8, 8)]),

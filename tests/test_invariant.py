@@ -193,3 +193,12 @@ def test_attention_keeps_heads_whole_and_prunes_around_them(tmp_path):
     assert set(reasons) == {"mha.in_proj_weight", "q.weight"}
     assert "heads need the whole embedding" in reasons["mha.in_proj_weight"]
     assert reasons["q.weight"] == "is a query or key of scaled_dot_product_attention"
+
+
+def test_tokens_with_class_token_position_embedding_and_roll(tmp_path):
+    model, inputs = build("tokens")
+    request = [("fc2.weight", 3), ("fc2.weight", 9), ("head.weight", 5)]
+    spec, pruned, _ = assert_invariant(model, inputs, tmp_path, pruned_inputs=request, constrained=True)
+    assert pruned.fc1.out_features == 18 and pruned.fc2.in_features == 18
+    # the class token is concatenated untracked: the token channels stay, and the note says where they came from
+    assert pruned.patch.out_channels == 12 and [k.tensor for k in spec.kept] == ["head.weight"]

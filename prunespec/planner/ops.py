@@ -611,6 +611,19 @@ def move_axes(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
     tr.set(out, ChannelMap(axes[0], cmap.slots))
 
 
+@rule("roll", "flip")
+@unary
+def roll(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
+    """Rolling or flipping other axes (Swin's shifted windows) keeps the channels where they are."""
+    dims = _arg(args, kwargs, 2 if tr.current_op == "roll" else 1, "dims")
+    if dims is None or not isinstance(out, torch.Tensor):
+        return opaque(tr, args, kwargs, out, f"is moved along its channels by '{tr.current_op}'")
+    dims = {d % x.ndim for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
+    if cmap.axis in dims:
+        return opaque(tr, args, kwargs, out, f"is moved along its channels by '{tr.current_op}'")
+    tr.set(out, cmap)
+
+
 @rule("softmax", "log_softmax")
 @unary
 def softmax(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
