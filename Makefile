@@ -45,3 +45,20 @@ schema: install
 clean:
 	rm -rf $(OUT) build dist *.egg-info .pytest_cache .hypothesis
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+# Plan and apply random patterns on every torchvision model (about half an hour on two cores); writes out/zoo.json
+# and the table in README.md. `$(PYTHON) scripts/zoo.py --models NAME ...` reruns some models.
+.PHONY: zoo
+zoo: install
+	$(PYTHON) scripts/zoo.py
+
+# Time planning, applying and the pruned models' latency against the peers upscale and torch_pruning (about 25
+# minutes on two cores); writes out/bench.json and the Performance section of README.md. `$(PYTHON)
+# benchmarks/bench.py --quick` is a short subset; `--help` lists the `--models` and `--skip-*` options, which
+# `make bench BENCH_ARGS="--quick"` passes on. --no-deps: apple-upscale 0.1.1 pins torch==2.0.1, which would
+# replace the pinned torch; the peers need only torch, torchvision and numpy at run time.
+.PHONY: bench
+bench: install
+	$(PIP) install -q --no-deps apple-upscale==0.1.1 torch-pruning==1.6.1
+	$(PIP) install -q numpy
+	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)

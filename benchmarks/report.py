@@ -1,0 +1,257 @@
+"""Render `out/bench.json` as markdown tables, and put them into README.md's "Performance" section.
+
+Start with `render`: one function per section of `bench.py`, each returning lines of markdown. `update_readme`
+replaces what lies between `<!-- bench:start -->` and `<!-- bench:end -->`, adding a "## Performance" section
+with the markers at the end of the README when they are missing, and touches nothing else.
+
+    python benchmarks/report.py out/bench.json          # print the tables again from a stored run
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def ms(cell: dict | None) -> str:
+    """A timing cell: median ms, an error string, or a dash."""
+    if not cell:
+        return "–"
+    if "error" in cell:
+        return f"error: {cell['error'][:70]}"
+    value = cell["median_ms"]
+    text = f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+    return text + (" (1 run)" if cell.get("single_run") else "")
+
+
+def ratio(a: dict | None, b: dict | None) -> str:
+    """a / b of two timing cells, e.g. '0.12x'."""
+    if not a or not b or "median_ms" not in a or "median_ms" not in b or not b["median_ms"]:
+        return "–"
+    return f"{a['median_ms'] / b['median_ms']:.2f}x"
+
+
+def mib(cell: dict | None) -> str:
+    if not cell:
+        return "–"
+    if "error" in cell:
+        return f"error: {cell['error'][:50]}"
+    return f"{cell['peak_increase_mib']:.0f}" + ("" if cell.get("peak_reset") else " (no reset)")
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def render(results: dict) -> str:
+    lines = header(results["meta"])
+    for key, section in (
+        ("planning", planning),
+        ("applying", applying),
+        ("apply_profile", apply_profile),
+        ("latency", latency),
+        ("export", export),
+        ("scaling", scaling),
+        ("profile", profile),
+    ):
+        if results.get(key):
+            lines += [""] + section(results[key])
+    return "\n".join(lines) + "\n"
+
+
+def header(meta: dict) -> list[str]:
+    m = meta["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    busy = (
+        f" **The machine was busy (1-minute load average {meta['load_average_before'][0]:.1f} when the run started): "
+        "the timings are pessimistic and noisy.**"
+        if meta.get("machine_busy")
+        else ""
+    )
+    image = (
+        "" if meta.get("image_channels") else "; without the first convolution's image channels, which upscale refuses"
+    )
+    cuda = f", CUDA device {m['cuda']}" if m.get("cuda") else ", no CUDA device"
+    return [
+        (
+            f"`{meta['command']}` on {meta['date']}, {m['cpu']}, {m['cores']} cores, "
+            f"torch.get_num_threads() = {m['torch_threads']}{cuda}; {versions}. "
+            f"The run took {meta.get('duration_s', 0) / 60:.1f} minutes.{busy}"
+        ),
+        "",
+        (
+            f"Times are medians over at least {meta['repeats']} runs after warm-up (`time.perf_counter`; latency runs "
+            "repeat for at least 0.5 s at batch 1), in ms. Each pattern picks every input channel of every consumer "
+            f"(as listed by prunespec's tracer{image}) "
+            "with probability p from `random.Random(0)`; all libraries get the same "
+            "(parameter name, channel) list. Ratios are prunespec / peer, measured in the same run: below 1 means "
+            "prunespec is faster. Details: `out/bench.json`."
+        ),
+    ] + [f"\n**Note:** {note}" for note in meta.get("notes", [])]
+
+
+def planning(rows: list[dict]) -> list[str]:
+    out = [
+        "### Planning (one 30% pattern, input 1x3x224x224)",
+        "",
+        (
+            "prunespec: `plan(model, [x], pruned_inputs)` (unconstrained, reordered). upscale: "
+            "`PruningManager(model).compute([x], pruned_inputs=...)`. torch_pruning: "
+            "`DependencyGraph().build_dependency(model, example_inputs=x)` (builds its graph; no request). Peak memory: "
+            "the increase of the peak resident memory (`VmHWM`) during one planning run, in a fresh process per "
+            "cell, over its value after imports and model construction (the mark is first reset to the current "
+            "resident size through /proc/self/clear_refs, so the import and construction peaks do not hide it; "
+            "`ru_maxrss` would also carry the forking parent's peak), in MiB."
+        ),
+        "",
+    ]
+    body = [
+        [r["model"], str(r["requested"]), ms(r["prunespec"]), ms(r["upscale"]), ms(r["torch_pruning"]),
+         ratio(r["prunespec"], r["upscale"]), ratio(r["prunespec"], r["torch_pruning"]),
+         mib(r["memory"].get("prunespec")), mib(r["memory"].get("upscale")), mib(r["memory"].get("torch_pruning"))]
+        for r in rows
+    ]  # fmt: skip
+    head = ["model", "requested ch", "prunespec ms", "upscale ms", "torch_pruning ms", "ps/upscale", "ps/tp",
+            "peak MiB ps", "peak MiB upscale", "peak MiB tp"]  # fmt: skip
+    return out + table(head, body)
+
+
+def applying(rows: list[dict]) -> list[str]:
+    out = [
+        "### Applying a stored spec (30% pattern)",
+        "",
+        (
+            "prunespec: `load_spec(path)` + `prune(copy, spec)` on a copy made before the clock starts (no model "
+            "construction, no weight loading); `load` and `validate` (`prunespec.applier.check`) are its first two "
+            "steps timed alone. upscale has no stored spec: `compute` (tracing again) + `prune()`."
+        ),
+        "",
+    ]
+    body = [
+        [r["model"], f"{r['spec_bytes'] / 1024:.0f}", ms(r["prunespec"]), ms(r["prunespec_load"]),
+         ms(r["prunespec_validate"]), ms(r["upscale"]), ratio(r["prunespec"], r["upscale"])]
+        for r in rows
+    ]  # fmt: skip
+    head = ["model", "spec KiB", "prunespec load+prune ms", "of which load", "of which validate",
+            "upscale compute+prune ms", "ps/upscale"]  # fmt: skip
+    return out + table(head, body)
+
+
+def apply_profile(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    out = [f"Where prunespec's apply time goes ({rows[0]['model']}, cProfile, own time):", ""]
+    body = [[f"`{r['function']}`", str(r["calls"]), f"{r['tottime_ms']:.1f}", f"{r['cumtime_ms']:.1f}"] for r in rows]
+    return out + table(["function", "calls", "own ms", "cumulative ms"], body)
+
+
+def latency(rows: list[dict]) -> list[str]:
+    out = [
+        "### Latency of the pruned models",
+        "",
+        (
+            "Eager `nn.Module` under `torch.no_grad()`, float32. prunespec: unconstrained + reordered. upscale: its "
+            "default reordered export (`compute` then `prune()`), and its export without reordering (`compute(..., "
+            "reorder_producer=False, reorder_consumer=False)` then `prune()`). MACs: convolutions and linear layers "
+            "counted with forward hooks on each model, the same counter for all (`GMACs ps` also gives "
+            "`spec.summary.macs_after` in brackets). Efficiency = (dense latency / pruned latency) / (dense MACs / "
+            "pruned MACs): 1 means the latency fell as much as the MACs. max|Δ| = max |prunespec pruned - prunespec "
+            "mock| in float32."
+        ),
+    ]
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["device"], r["batch"]), []).append(r)
+    for (device, batch), group in groups.items():
+        out += ["", f"{device.upper()}, batch {batch}:", ""]
+        body = []
+        for r in group:
+            v = r["variants"]
+            ps, up, upn = v["prunespec"], v["upscale"], v["upscale_noreorder"]
+            body.append([
+                r["model"], f"{r['fraction']:.0%}", ms(r["dense"]), ms(ps.get("latency") or ps),
+                ms(up.get("latency") or up), ms(upn.get("latency") or upn),
+                ratio(ps.get("latency"), up.get("latency")), ratio(ps.get("latency"), upn.get("latency")),
+                ratio(r["dense"], ps.get("latency")),
+                f"{r['dense_macs'] / 1e9:.2f}", _gmacs(ps) + f" ({r['spec_macs'][1] / 1e9:.2f})", _gmacs(up),
+                _eff(r, ps), _eff(r, up), _eff(r, upn),
+                f"{ps['max_abs_diff_vs_mock']:.1e}" if "max_abs_diff_vs_mock" in ps else "–",
+            ])  # fmt: skip
+        head = ["model", "p", "dense ms", "prunespec ms", "upscale ms", "upscale no-reorder ms", "ps/upscale",
+                "ps/upscale no-reorder", "ps speedup", "GMACs dense", "GMACs ps", "GMACs upscale", "eff ps",
+                "eff upscale", "eff upscale no-reorder", "max\\|Δ\\| ps"]  # fmt: skip
+        out += table(head, body)
+    return out
+
+
+def _gmacs(variant: dict) -> str:
+    return f"{variant['macs'] / 1e9:.2f}" if "macs" in variant else "–"
+
+
+def _eff(row: dict, variant: dict) -> str:
+    lat = variant.get("latency") or {}
+    if "median_ms" not in lat or "median_ms" not in row["dense"] or not variant.get("macs"):
+        return "–"
+    speedup = row["dense"]["median_ms"] / lat["median_ms"]
+    return f"{speedup / (row['dense_macs'] / variant['macs']):.2f}"
+
+
+def export(rows: list[dict]) -> list[str]:
+    out = ["### prunespec model as a `torch.export` program (30%, CPU, batch 1)", ""]
+    body = [
+        [r["model"], ms(r.get("eager") or r), ms(r.get("exported") or r), ratio(r.get("exported"), r.get("eager")),
+         f"{r['export_s']:.1f}" if "export_s" in r else "–"]
+        for r in rows
+    ]  # fmt: skip
+    return out + table(["model", "eager ms", "exported ms", "exported/eager", "export s"], body)
+
+
+def scaling(section: dict) -> list[str]:
+    out = ["### Scaling of planning (prunespec; 30% pattern)", ""]
+    body = [
+        [r["model"], f"{r['parameters'] / 1e6:.1f}", str(r["consumers"]), str(r["requested"]), ms(r["prunespec"]),
+         mib(r["memory"].get("prunespec"))]
+        for r in section.get("models", [])
+    ]  # fmt: skip
+    out += table(["model (224)", "params M", "consumers", "requested ch", "plan ms", "peak MiB"], body)
+    body = [
+        [f"{r['batch']}x3x{r['size']}x{r['size']}", ms(r["prunespec"]), mib(r["memory"].get("prunespec")),
+         ms(r.get("upscale")), mib(r["memory"].get("upscale")), ratio(r["prunespec"], r.get("upscale"))]
+        for r in section.get("inputs", [])
+    ]  # fmt: skip
+    if body:
+        out += ["", "resnet50 over input size and batch (upscale on the resolution sweep only):", ""]
+        out += table(["input", "prunespec ms", "peak MiB ps", "upscale ms", "peak MiB upscale", "ps/upscale"], body)
+    return out
+
+
+def profile(section: dict) -> list[str]:
+    out = ["### Where the pruned resnet50 spends its time (torch.profiler, CPU, batch 1, 30%, self CPU per forward)"]
+    for key, cell in section.items():
+        out += ["", f"{key}:", ""]
+        if "error" in cell:
+            out.append(f"error: {cell['error']}")
+            continue
+        body = [[f"`{o['op']}`", str(o["calls"]), f"{o['self_cpu_ms']:.2f}", f"{o['share']:.0%}"] for o in cell["ops"]]
+        out += table(["op", "calls", "self CPU ms", "share"], body)
+    return out
+
+
+def update_readme(path: Path, text: str) -> None:
+    """Replace the text between the bench markers; append the section when the markers are missing."""
+    readme = path.read_text()
+    block = f"{START}\n{text.rstrip()}\n{END}"
+    if START in readme and END in readme and readme.index(START) < readme.index(END):
+        before, rest = readme.split(START, 1)
+        after = rest.split(END, 1)[1]
+        readme = before + block + after
+    else:
+        readme = readme.rstrip("\n") + "\n\n## Performance\n\n" + block + "\n"
+    path.write_text(readme)
+
+
+if __name__ == "__main__":
+    print(render(json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else "out/bench.json").read_text())))
