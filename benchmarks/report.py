@@ -100,10 +100,11 @@ def planning(rows: list[dict]) -> list[str]:
         (
             "prunespec: `plan(model, [x], pruned_inputs)` (unconstrained, reordered). upscale: "
             "`PruningManager(model).compute([x], pruned_inputs=...)`. torch_pruning: "
-            "`DependencyGraph().build_dependency(model, example_inputs=x)` (builds its graph; no request). Peak memory: "
-            "the increase of the peak resident memory (`VmHWM`) during one planning run, in a fresh process per "
-            "cell, over its value after imports and model construction (the mark is first reset to the current "
-            "resident size through /proc/self/clear_refs, so the import and construction peaks do not hide it; "
+            "`DependencyGraph().build_dependency(model, example_inputs=x)` (builds its graph; no request). "
+            "Peak memory: the increase of the peak resident memory (`VmHWM`) during one planning run, in a fresh "
+            "process per cell, over its value after imports and model construction (the mark is first reset to "
+            "the current resident size through /proc/self/clear_refs, so the import and construction peaks do not "
+            "hide it; "
             "`ru_maxrss` would also carry the forking parent's peak), in MiB."
         ),
         "",

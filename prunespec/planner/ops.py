@@ -128,14 +128,19 @@ def _tie_groups(tr: Tracer, slots: list[int], groups: int) -> None:
         tr.slots.union_all(slots[:size], slots[g * size : (g + 1) * size])
 
 
-def _bind_bias(tr: Tracer, bias, slots: list[int]) -> None:
-    if bias is None:
+def _bind(tr: Tracer, tensor, slots: list[int], why: str) -> None:
+    """Axis 0 of `tensor` follows `slots`; a tensor that is not the model's cannot be sliced, so they are pinned."""
+    if tensor is None:
         return
-    name = tr.name(bias)
+    name = tr.name(tensor)
     if name is None:
-        tr.slots.pin(slots, "has a bias that is not a parameter of the model")
+        tr.slots.pin(slots, why)
     else:
         tr.graph.bindings.append(Binding(name, 0, slots))
+
+
+def _bind_bias(tr: Tracer, bias, slots: list[int]) -> None:
+    _bind(tr, bias, slots, "has a bias that is not a parameter of the model")
 
 
 @rule("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
@@ -187,16 +192,8 @@ def batch_norm(tr: Tracer, args, kwargs, out) -> None:
     cmap = tr.channels(x)
     if cmap is None or cmap.axis != 1:
         return opaque(tr, args, kwargs, out)
-    names = ("running_mean", "running_var", "weight", "bias")
-    for i, key in enumerate(names, start=1):
-        t = _arg(args, kwargs, i, key)
-        if t is None:
-            continue
-        name = tr.name(t)
-        if name is None:
-            tr.slots.pin(cmap.slots, "is normalised with statistics that are not model tensors")
-        else:
-            tr.graph.bindings.append(Binding(name, 0, cmap.slots))
+    for i, key in enumerate(("running_mean", "running_var", "weight", "bias"), start=1):
+        _bind(tr, _arg(args, kwargs, i, key), cmap.slots, "is normalised with statistics that are not model tensors")
     tr.set(out, cmap)
 
 
@@ -244,11 +241,7 @@ def prelu(tr: Tracer, args, kwargs, out) -> None:
     if cmap.axis != 1 and weight.numel() != 1:
         return opaque(tr, args, kwargs, out)
     if weight.numel() != 1:
-        name = tr.name(weight)
-        if name is None:
-            tr.slots.pin(cmap.slots, "has PReLU slopes that are not model parameters")
-        else:
-            tr.graph.bindings.append(Binding(name, 0, cmap.slots))
+        _bind(tr, weight, cmap.slots, "has PReLU slopes that are not model parameters")
     tr.set(out, cmap)
 
 
