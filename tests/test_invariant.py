@@ -71,7 +71,7 @@ def test_unknown_op_keeps_its_channels_and_says_why(tmp_path):
     model, inputs = build("unknown_op")
     request = [("conv3.weight", 2), ("conv4.weight", 1)]
     spec, pruned, _ = assert_invariant(model, inputs, tmp_path, pruned_inputs=request, constrained=True)
-    reason = "comes from 'roll', which the planner does not follow"
+    reason = "is moved along its channels by 'roll'"
     assert [(k.tensor, k.reason) for k in spec.kept] == [("conv3.weight", reason)]
     assert pruned.conv2.out_channels == 8 and pruned.conv3.in_channels == 8
     assert pruned.conv3.out_channels == 5  # conv4's input follows the planner fine
