@@ -7,29 +7,22 @@ stores and reloads the spec, then compares the pruned model with the mock.
 from __future__ import annotations
 
 import copy
-import random
 
 import torch
 from torch.utils._pytree import tree_leaves
 
 import prunespec
-from prunespec.planner.trace import trace
+from scripts import zoo
 
 TOLERANCE = 1e-12
 
 
 def random_request(model, inputs, seed: int, fraction: float, side: str):
-    """Random (weight, channel) pairs: each channel of every consumer (or producer) is picked with `fraction`."""
-    graph = trace(model, inputs)
-    rng = random.Random(seed)
-    pruned_inputs, pruned_outputs = [], []
-    if side in ("input", "both"):
-        for weight, n in dict.fromkeys((c.weight, len(c.slots)) for c in graph.consumers):
-            pruned_inputs += [(weight, ch) for ch in range(n) if rng.random() < fraction]
-    if side in ("output", "both"):
-        for weight, n in dict.fromkeys((p.weight, len(p.slots)) for p in graph.producers):
-            pruned_outputs += [(weight, ch) for ch in range(n) if rng.random() < fraction]
-    return pruned_inputs, pruned_outputs
+    """Random (weight, channel) pairs: each channel of every consumer (or producer) is picked with `fraction`.
+
+    The same drawing as the zoo sweep's, so a failing pattern found there reproduces here.
+    """
+    return zoo.random_request(model, inputs, seed, side, fraction)
 
 
 def max_difference(a, b) -> float:
