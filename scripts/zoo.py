@@ -493,6 +493,13 @@ def write_readme(table: str, readme: Path = ROOT / "README.md") -> None:
 # ------------------------------------------------------------------------------------------------------------ main
 
 
+def save(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def select(models: list[str] | None, families: list[str] | None) -> list[str]:
     names = zoo_names()
     if models:
@@ -513,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per worker process")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="input side, except for SIZE_EXCEPTIONS")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "zoo.json")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the models already in --out (an interrupted run) and run the rest"
+    )
     parser.add_argument(
         "--readme",
         action=argparse.BooleanOptionalAction,
@@ -537,8 +547,6 @@ def main(argv: list[str] | None = None) -> int:
 
     names = select(args.models, args.family)
     whole_zoo = not args.models and not args.family
-    light = [n for n in names if n not in HEAVY]
-    heavy = [n for n in names if n in HEAVY]
     cores = os.cpu_count() or 1
     results: dict[str, Any] = {
         "command": "python scripts/zoo.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
@@ -548,6 +556,15 @@ def main(argv: list[str] | None = None) -> int:
         "tolerance": TOLERANCE,
         "models": {},
     }
+    earlier_s = 0.0
+    if args.resume and args.out.exists():
+        previous = json.loads(args.out.read_text())
+        results["models"] = {n: e for n, e in previous["models"].items() if n in names}
+        earlier_s = previous.get("wall_s", 0.0)
+        names = [n for n in names if n not in results["models"]]
+        print(f"resuming: {len(results['models'])} models done, {len(names)} to go", file=sys.stderr)
+    light = [n for n in names if n not in HEAVY]
+    heavy = [n for n in names if n in HEAVY]
     start = time.perf_counter()
     done = 0
 
@@ -555,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal done
         done += 1
         results["models"][name] = entry
+        results["wall_s"] = round(earlier_s + time.perf_counter() - start, 1)
+        save(results, args.out)  # after every model, so that an interrupted sweep can --resume
         cells = [cell([entry["results"][f"{m}-{s}"] for s in SIDES]) for m in MODES]
         print(
             f"[{done}/{len(names)}] {name} {entry['wall_s']}s  unconstrained: {cells[0]}  constrained: {cells[1]}",
@@ -570,10 +589,8 @@ def main(argv: list[str] | None = None) -> int:
             report(futures[future], future.result())
     for name in heavy:
         report(name, run_model(name, args.timeout, cores, args.size))
-    results["wall_s"] = round(time.perf_counter() - start, 1)
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    results["wall_s"] = round(earlier_s + time.perf_counter() - start, 1)
+    save(results, args.out)
     print(f"{totals_line(results)}; {results['wall_s']} s; results in {args.out}", file=sys.stderr)
     if args.readme or (args.readme is None and whole_zoo):
         write_readme(render_table(results))
