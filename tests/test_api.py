@@ -105,7 +105,7 @@ class _LooksAtValues(torch.nn.Module):
 
     def forward(self, x):
         y = self.a(x)
-        if x.mean() > -1e9:  # data-dependent: fake tensors cannot answer, so tracing falls back to real ones
+        if x.mean() > -1e9:  # data-dependent: meta and fake tensors cannot answer, so tracing falls back to real ones
             y = torch.relu(y)
         return self.b(y)
 
@@ -116,10 +116,10 @@ def test_data_dependent_models_fall_back_to_a_real_trace(tmp_path, monkeypatch):
 
     runs = []
     real_trace = tracing._trace
-    monkeypatch.setattr(tracing, "_trace", lambda *a, fake: runs.append(fake) or real_trace(*a, fake=fake))
+    monkeypatch.setattr(tracing, "_trace", lambda model, inputs, run: runs.append(run) or real_trace(model, inputs, run))
 
     model = _LooksAtValues().double().eval()
     x = [torch.randn(2, 3, 4, 4, dtype=torch.float64)]
     _, pruned, _ = assert_invariant(model, x, tmp_path, pruned_inputs=[("b.weight", 4)])
     assert pruned.a.out_channels == 5
-    assert runs[:2] == [True, False]
+    assert runs[:3] == ["meta", "fake", "real"]

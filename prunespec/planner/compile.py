@@ -82,12 +82,18 @@ def compile_spec(
 def _layers(model, tensors, kept, new_shapes, gathers) -> dict[str, LayerSpec]:
     """One LayerSpec per touched module, in `named_modules()` order; untouched axes are left out."""
     touched: dict[str, dict[str, list[str | None]]] = defaultdict(dict)
+    # Tensors bound to one list of slots share one list of indices: write its runs once.
+    written: dict[tuple[int, int], tuple[list[int], str | None]] = {}  # (id(indices), size) -> (indices, runs)
     for name, axes in kept.items():
         t = tensors[name]
         runs: list[str | None] = [None] * (max(axes) + 1)
         for axis, indices in axes.items():
-            if indices != list(range(t.shape[axis])):
-                runs[axis] = encode_runs(indices)
+            key = (id(indices), t.shape[axis])
+            known = written.get(key)
+            if known is None or known[0] is not indices:
+                whole = len(indices) == t.shape[axis] and indices == list(range(t.shape[axis]))
+                known = written[key] = (indices, None if whole else encode_runs(indices))
+            runs[axis] = known[1]
         while runs and runs[-1] is None:
             runs.pop()
         if runs:

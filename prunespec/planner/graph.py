@@ -31,8 +31,11 @@ class Slots:
     def __init__(self) -> None:
         self.parent: list[int] = []
         self.reason: dict[int, str] = {}  # root -> why the slot is pinned
+        self._roots: list[int] | None = None  # `roots_table`, until the next union or new slot
+
 
     def new(self, n: int, pin: str | None = None) -> list[int]:
+        self._roots = None
         start = len(self.parent)
         ids = list(range(start, start + n))
         self.parent.extend(ids)
@@ -57,6 +60,7 @@ class Slots:
         if rb < ra:  # the older slot stays the root, so roots follow model order
             ra, rb = rb, ra
         self.parent[rb] = ra
+        self._roots = None
         if rb in self.reason:
             self.reason.setdefault(ra, self.reason.pop(rb))
         return ra
@@ -76,7 +80,31 @@ class Slots:
         return self.reason.get(self.find(s))
 
     def roots(self, slots: list[int]) -> list[int]:
-        return [self.find(s) for s in slots]
+        """The root of each slot, through `roots_table`.
+
+        >>> slots = Slots()
+        >>> a, b = slots.new(3), slots.new(3)
+        >>> slots.union(a[2], b[0])
+        2
+        >>> slots.roots(b)
+        [2, 4, 5]
+        """
+        table = self.roots_table()
+        return [table[s] for s in slots]
+
+    def roots_table(self) -> list[int]:
+        """``table[s] == find(s)`` for every slot: one pass, then a list look-up per slot instead of a call.
+
+        Tracing is the only stage that merges slots; resolve, reorder and compile read this table.
+        """
+        if self._roots is None:
+            parent = self.parent
+            table = parent[:]
+            for s, p in enumerate(parent):
+                # A parent is older than its child (`union` keeps the older root), so its root is already known.
+                table[s] = s if p == s else table[p]
+            self._roots = table
+        return self._roots
 
 
 @dataclass(frozen=True)

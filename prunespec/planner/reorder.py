@@ -14,7 +14,6 @@ each consumer's channels form one run.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 
 from prunespec.planner.graph import ChannelGraph
@@ -25,10 +24,11 @@ class Layout:
     """The pruned, possibly permuted, channel order of any traced tensor."""
 
     def __init__(self, graph: ChannelGraph, resolution: Resolution, reorder: bool) -> None:
-        self.find = graph.slots.find
+        self.root = graph.slots.roots_table()
         self.dropped = resolution.dropped
         self.segments: dict[int, tuple[int, ...]] = {}  # first root of a free segment -> its roots
         self.order: dict[int, list[int]] = {}  # first root of a free segment -> permutation of its positions
+        self._known: dict[int, tuple[list[int], list[int]]] = {}  # id(slots) -> (slots, positions)
         if not reorder:
             return
         self._find_free_segments(graph, [c.slots for c in graph.consumers] + [b.slots for b in graph.bindings])
@@ -44,8 +44,15 @@ class Layout:
         >>> graph = trace(net, [torch.rand(1, 1, 2, 2)])
         >>> Layout(graph, resolve(graph, {"1.weight": {2}}, {}, False), True).positions(graph.consumers[1].slots)
         [0, 1, 3]
+
+        Tensors often share one list of slots (a convolution's output and its batch norm's four tensors); it is
+        laid out once, and the same list returned each time, so callers must not modify it.
         """
-        roots = [self.find(s) for s in slots]
+        known = self._known.get(id(slots))
+        if known is not None and known[0] is slots:
+            return known[1]
+        root = self.root
+        roots = [root[s] for s in slots]
         out: list[int] = []
         i = 0
         while i < len(roots):
@@ -57,44 +64,61 @@ class Layout:
                 if roots[i] not in self.dropped:
                     out.append(i)
                 i += 1
+        self._known[id(slots)] = (slots, out)
         return out
 
     def _find_free_segments(self, graph: ChannelGraph, labelled: Iterable[list[int]]) -> None:
-        pinned = graph.slots.pinned
-        owner: dict[int, tuple[int, ...]] = {}
-        frozen: set[tuple[int, ...]] = set()
+        root, pinned = self.root, graph.slots.reason.keys()
+        # Segments are numbered, so that membership tests hash an int, not a tuple of thousands of roots.
+        segments: list[tuple[int, ...]] = []
+        number: dict[tuple[int, ...], int] = {}
+        owner: dict[int, int] = {}  # root -> number of the segment that holds it
+        frozen: set[int] = set()
         for producer in graph.producers:
-            segment = tuple(self.find(s) for s in producer.slots)
-            if any(pinned(r) for r in segment) or len(set(segment)) != len(segment):
-                frozen.add(segment)
+            segment = tuple([root[s] for s in producer.slots])
+            k = number.setdefault(segment, len(segments))
+            if k < len(segments):
+                continue  # producers tied by an addition write the same segment
+            segments.append(segment)
+            if not pinned.isdisjoint(segment) or len(set(segment)) != len(segment):
+                frozen.add(k)
             for r in segment:
-                if owner.setdefault(r, segment) != segment:
-                    frozen.update((owner[r], segment))
+                other = owner.setdefault(r, k)
+                if other != k:
+                    frozen.update((other, k))
+        seen: set[int] = set()
         for slots in labelled:
-            roots = [self.find(s) for s in slots]
+            if id(slots) in seen:  # a batch norm's four tensors share one list of slots
+                continue
+            seen.add(id(slots))
+            roots = [root[s] for s in slots]
             i = 0
             while i < len(roots):
-                segment = owner.get(roots[i])
-                if segment is None or segment in frozen:
+                k = owner.get(roots[i])
+                if k is None or k in frozen:
                     i += 1
-                elif tuple(roots[i : i + len(segment)]) == segment:
-                    i += len(segment)
+                elif tuple(roots[i : i + len(segments[k])]) == segments[k]:
+                    i += len(segments[k])
                 else:
-                    frozen.add(segment)
+                    frozen.add(k)
                     i += 1
-        for segment in set(owner.values()) - frozen:
-            self.segments[segment[0]] = segment
+        for k in set(owner.values()) - frozen:
+            self.segments[segments[k][0]] = segments[k]
 
     def _choose_orders(self, graph: ChannelGraph, resolution: Resolution) -> None:
-        readers: dict[int, set[int]] = defaultdict(set)  # root -> consumers that keep reading it
+        readers: dict[int, int] = {}  # root -> the consumers that keep reading it, as a bit mask (bit ci)
+        root = self.root
         for ci, consumer in enumerate(graph.consumers):
+            bit = 1 << ci
             for col in resolution.columns[ci]:
-                readers[self.find(consumer.slots[col])].add(ci)
+                r = root[consumer.slots[col]]
+                readers[r] = readers.get(r, 0) | bit
         for first, segment in self.segments.items():
-            involved = sorted(set().union(*(readers[r] for r in segment)))
-            bit = {ci: 1 << k for k, ci in enumerate(involved)}
-            rank = [_gray_rank(sum(bit[ci] for ci in readers[r])) for r in segment]
-            self.order[first] = sorted(range(len(segment)), key=lambda j: rank[j])
+            codes = [readers.get(r, 0) for r in segment]
+            # Renumber the consumers this segment involves as bits 0, 1, ...: few, so Gray ranks stay cheap.
+            involved = [ci for ci in range(max(codes).bit_length()) if any(c >> ci & 1 for c in set(codes))]
+            rank = {c: _gray_rank(sum(1 << k for k, ci in enumerate(involved) if c >> ci & 1)) for c in set(codes)}
+            self.order[first] = sorted(range(len(segment)), key=lambda j: rank[codes[j]])
 
 
 def _gray_rank(code: int) -> int:

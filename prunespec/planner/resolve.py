@@ -14,7 +14,7 @@ A pinned slot never goes. Every requested channel that stays in a weight is repo
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 
 from prunespec.planner.graph import ChannelGraph
@@ -66,44 +66,38 @@ def resolve(
     (2, [[2], [2]])
     """
     slots = graph.slots
-    find = slots.find
+    root = slots.roots_table()
+    # Per consumer: the root each weight column reads, and the columns it asks to drop.
+    reads = [[root[s] for s in consumer.slots] for consumer in graph.consumers]
+    asks = [set() if c.fixed else pruned_inputs.get(c.weight, set()) for c in graph.consumers]
 
-    def asked(ci: int, col: int) -> bool:
-        consumer = graph.consumers[ci]
-        return consumer.fixed is None and col in pruned_inputs.get(consumer.weight, ())
-
-    readers: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    candidates: set[int] = set()
-    for ci, consumer in enumerate(graph.consumers):
-        for col, s in enumerate(consumer.slots):
-            root = find(s)
-            readers[root].append((ci, col))
-            if asked(ci, col):
-                candidates.add(root)
-    forced = {find(p.slots[ch]) for p in graph.producers for ch in pruned_outputs.get(p.weight, ())}
-
-    dropped = set()
-    for root in candidates | forced:
-        if slots.pinned(root):
-            continue
-        votes = [asked(ci, col) for ci, col in readers[root]]
-        if root in forced or (any(votes) if constrained else all(votes)):
-            dropped.add(root)
+    # A root goes when every (consumer, column) reading it asks (unconstrained), or any does (constrained).
+    readers: Counter[int] = Counter()
+    askers: Counter[int] = Counter()
+    for roots, asked in zip(reads, asks):
+        readers.update(roots)
+        askers.update(roots[col] for col in asked)
+    forced = {root[p.slots[ch]] for p in graph.producers for ch in pruned_outputs.get(p.weight, ())}
+    dropped = {
+        r
+        for r in askers.keys() | forced
+        if r not in slots.reason and (r in forced or constrained or askers[r] == readers[r])
+    }
 
     for producer in graph.producers:  # a layer with no channels left would not run
-        roots = [find(s) for s in producer.slots]
+        roots = [root[s] for s in producer.slots]
         if roots and all(r in dropped for r in roots):
             dropped.discard(roots[0])
             slots.pin([roots[0]], f"is the last channel {producer.weight} would keep")
 
     columns, last = [], {}
-    for ci, consumer in enumerate(graph.consumers):
-        present = [col for col, s in enumerate(consumer.slots) if find(s) not in dropped]
+    for consumer, roots, asked in zip(graph.consumers, reads, asks):
+        present = [col for col, r in enumerate(roots) if r not in dropped]
         gather = not (constrained or consumer.no_gather)
-        keep = {col for col in present if not (gather and asked(ci, col))}
+        keep = {col for col in present if col not in asked} if gather else set(present)
         if present and not keep:
             keep = {present[0]}
-            last[ci] = present[0]
+            last[len(columns)] = present[0]
         columns.append(keep)
 
     return Resolution(dropped, columns, _notes(graph, pruned_inputs, pruned_outputs, dropped, columns, last))

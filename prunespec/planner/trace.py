@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Sequence
+from itertools import chain
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
@@ -26,19 +28,29 @@ from prunespec.planner.graph import ChannelGraph, ChannelMap, SplitMap
 
 OUTPUT = "reaches the model output"
 
+# Normalisations and activations return a tensor of their input's shape and dtype. On the meta device most of
+# their kernels are Python decompositions costing from a tenth of a millisecond to several a call (most of a meta
+# trace), so a meta run makes the output directly; an in-place call returns its input, as the real op does.
+SHAPED_LIKE_INPUT = {
+    "batch_norm", "instance_norm", "layer_norm", "group_norm", "relu", "relu_", "relu6", "hardtanh", "hardtanh_",
+    "sigmoid", "sigmoid_", "tanh", "tanh_", "silu", "hardswish", "hardsigmoid", "gelu", "elu", "selu", "celu",
+    "leaky_relu", "mish", "softplus", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+    "feature_alpha_dropout",
+}  # fmt: skip
+
 
 class Tracer(TorchFunctionMode):
     """Labels every tensor the model computes with a `ChannelMap`, and fills a `ChannelGraph`."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, twins: dict[str, torch.Tensor] | None = None) -> None:
+        """`twins`: the tensors the model runs with instead of its own, by name (see `_meta_twins`)."""
         super().__init__()
         self.graph = ChannelGraph()
         self.slots = self.graph.slots
+        self.meta = bool(twins)
         self.names: dict[int, str] = {}
-        for name, t in model.named_parameters():
-            self.names[id(t)] = name
-        for name, t in model.named_buffers():
-            self.names[id(t)] = name
+        for name, t in chain(model.named_parameters(), model.named_buffers()):
+            self.names[id(twins[name] if twins else t)] = name
         self.current_op = ""  # the name of the op whose rule is running
         self.op_counts: Counter[str] = Counter()  # calls so far per op name, to find an op again in another run
         self.calls: Counter[str] = Counter()  # weight name -> number of calls
@@ -52,8 +64,13 @@ class Tracer(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         self.current_op = getattr(func, "__name__", "")
+        x = args[0] if args else kwargs.get("input")
+        if self.meta and self.current_op in SHAPED_LIKE_INPUT and isinstance(x, torch.Tensor) and x.is_meta:
+            in_place = self.current_op.endswith("_") or kwargs.get("inplace") is True
+            out = x if in_place else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        else:
+            out = func(*args, **kwargs)
         self.op_counts[self.current_op] += 1
         split = [t for t in tree_leaves((args, kwargs)) if self.split_map(t) is not None]
         if split:
@@ -121,11 +138,19 @@ class Tracer(TorchFunctionMode):
                 self.slots.pin(cmap.slots, reason)
 
 
+# How `trace` runs the model, cheapest first; each is tried when the one before it fails.
+#   meta: activations and a shape-only twin of every parameter and buffer live on the `meta` device, so no op
+#         computes anything; a forward that looks at values, or mixes in tensors it makes on another device, fails;
+#   fake: `FakeTensorMode` (shapes only, but slower), which also accepts real tensors made in forward;
+#   real: the model as it is, on the inputs as given.
+RUNS = ("meta", "fake", "real")
+
+
 def trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], fake: bool = True) -> ChannelGraph:
     """Run `model(*inputs)` in eval mode without gradients and return its channel graph.
 
-    With `fake`, activations are fake tensors (shapes and dtypes, no data), so tracing costs the same at any input
-    resolution or batch size; a model whose forward looks at values falls back to a real run. The model's
+    With `fake`, activations carry shapes and dtypes but no data (see `RUNS`), so tracing costs the same at any
+    input resolution or batch size; a model whose forward looks at values falls back to a real run. The model's
     train/eval modes are restored afterwards; nothing else about it changes.
 
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
@@ -136,26 +161,31 @@ def trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], fake: bool = T
     'reaches the model output'
     """
     if fake:
-        try:
-            return _trace(model, inputs, fake=True)
-        except Exception:  # data-dependent control flow, ops without a fake implementation, ...
-            pass
-    return _trace(model, inputs, fake=False)
+        for run in RUNS[:-1]:
+            try:
+                return _trace(model, inputs, run)
+            except Exception:  # data-dependent control flow, mixed devices, ops without a meta kernel, ...
+                pass
+    return _trace(model, inputs, "real")
 
 
-def _trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], fake: bool) -> ChannelGraph:
+def _trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], run: str) -> ChannelGraph:
     modes = {m: m.training for m in model.modules()}
-    tracer = Tracer(model)
+    twins = _meta_twins(model) if run == "meta" else {}
+    tracer = Tracer(model, twins)
     # Global hooks, not hooks on the model: they see every module's forward and leave the model untouched.
     hooks = [register_module_forward_pre_hook(tracer.enter), register_module_forward_hook(tracer.leave)]
-    # Parameters stay real (their identity names them); the fake mode converts them on the fly.
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    # Under the fake mode parameters stay real (their identity names them); it converts them on the fly.
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if run == "fake" else contextlib.nullcontext()
     try:
         model.eval()
         with torch.no_grad(), fake_mode:
-            args = [_fake_input(fake_mode, x, model) for x in inputs] if fake else list(inputs)
+            args = [_shape_only(x, run, fake_mode, model) for x in inputs]
             with tracer:
-                out = model(*args)
+                if twins:
+                    out = functional_call(model, twins, tuple(args), tie_weights=False, strict=True)
+                else:
+                    out = model(*args)
     finally:
         for handle in hooks:
             handle.remove()
@@ -169,12 +199,22 @@ def _trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], fake: bool) -
     return tracer.graph
 
 
-def _fake_input(fake_mode: FakeTensorMode, x, model: torch.nn.Module):
-    """A fake twin of `x`; a meta input (shape only) becomes fake on the device of the model's parameters."""
-    if not isinstance(x, torch.Tensor):
+def _meta_twins(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A meta tensor for every parameter and buffer name; names of one shared tensor share one twin."""
+    twins: dict[int, torch.Tensor] = {}
+    named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    return {name: twins.setdefault(id(t), t.detach().to("meta")) for name, t in named}
+
+
+def _shape_only(x, run: str, fake_mode, model: torch.nn.Module):
+    """`x` as the given run needs it: a meta or fake twin, or `x` itself for a real run."""
+    if not isinstance(x, torch.Tensor) or run == "real":
         return x
+    if run == "meta":
+        return x.to("meta")
     if x.device.type != "meta":
         return fake_mode.from_tensor(x)
+    # A meta input (shape only) becomes fake on the device of the model's parameters.
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with fake_mode:
         return torch.empty(x.shape, dtype=x.dtype, device=device)
