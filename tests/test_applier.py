@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import re
 
 import pytest
 import torch
@@ -17,8 +18,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from prunespec.applier import RULES, GENERIC, InputSubselection, Rule, check, mock, prune, rule_for
+from prunespec.applier.validate import _decode_together, decode_kept
 from prunespec.errors import SpecError
-from prunespec.schemas import LayerSpec, PruningSpec, Request, Subselection, Summary, encode_runs
+from prunespec.schemas import LayerSpec, PruningSpec, Request, Subselection, Summary, encode_runs, parse_runs
 
 KEEP = "0,2-4,6-7"  # channels 1 and 5 of 8 pruned
 KEEP_LIST = [0, 2, 3, 4, 6, 7]
@@ -548,3 +550,83 @@ def test_on_cuda():
         for outputs in (moved_after(x), pruned_there(x), mock_of_moved_model(x), exported(x)):
             for e, g in zip(expected, outputs):
                 torch.testing.assert_close(g, e, atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- decoding runs
+
+
+def _runs_and_size(draw) -> tuple[str, int]:
+    """A field as a spec may hold it: canonical runs, runs split where they need not be ('0-1,2-3'), or a
+    mistake (a repeated or out-of-range index, a downward run, a leading zero, a stray character)."""
+    size = draw(st.integers(0, 24))
+    indices = draw(st.permutations(range(size)))[: draw(st.integers(0, size))]
+    if draw(st.booleans()):
+        indices = sorted(indices)
+    parts = []
+    for lo, hi in parse_runs(encode_runs(indices)):
+        cut = draw(st.integers(lo, hi))
+        pieces = [(lo, cut - 1), (cut, hi)] if cut > lo and draw(st.booleans()) else [(lo, hi)]
+        parts += [str(a) if a == b else f"{a}-{b}" for a, b in pieces]
+    mistake = draw(st.sampled_from([None] * 6 + ["repeat", "range", "downward", "zero", "stray"]))
+    if mistake == "repeat" and indices:
+        parts.append(str(draw(st.sampled_from(indices))))
+    elif mistake == "range":
+        parts.append(str(size + draw(st.integers(0, 3))))
+    elif mistake == "downward":
+        parts.append("5-2")
+    elif mistake == "zero" and parts:
+        parts[-1] = "0" + parts[-1]
+    elif mistake == "stray":
+        parts.append(draw(st.sampled_from(["", "-", "1--2", "x", " 1", "1-2-3"])))
+    return ",".join(parts), size
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=st.lists(st.composite(_runs_and_size)(), min_size=1, max_size=5))
+def test_decoding_fields_together_matches_decoding_them_one_by_one(fields):
+    try:
+        expected = [decode_kept(runs, size, "field") for runs, size in fields]
+    except SpecError:
+        expected = None
+    together = _decode_together(fields)
+    if expected is None:
+        assert together is None
+    elif together is None:  # refusing is allowed where decode_kept needs to look closer, and only there
+        assert any(re.search(r"(^|[,-])0[0-9]", runs) for runs, _ in fields)
+    else:
+        for got, want in zip(together, expected, strict=True):
+            assert got.indices.dtype == torch.long and torch.equal(got.indices, want.indices)
+            assert got.start == want.start
+
+
+def test_runs_split_where_they_need_not_be_are_still_one_slice():
+    model = randomize(Fork())
+    spec = fork_spec(model)
+    spec.layers["b"].input = Subselection(7, "2,3-4")
+    pruned = assert_mock_matches_prune(model, spec, torch.randn(1, 3, 6, 6, dtype=torch.float64))
+    assert "narrow(2, 3)" in repr(list(pruned.b._forward_pre_hooks.values()))
+
+
+def test_the_first_problem_in_spec_order_is_reported():
+    model = conv_net()
+    spec = conv_spec(model)
+    spec.layers["0"].tensors["weights"] = [KEEP]  # an unknown tensor in the first layer ...
+    spec.layers["4"].tensors["weight"] = [None, "0,0"]  # ... and a repeated index in a later one
+    with pytest.raises(SpecError, match=r"^layer '0': tensor 'weights': not a"):
+        check(model, spec)
+
+
+@pytest.mark.parametrize("keep", ["2-7", "5,0-4", "0-7"], ids=["one run: a slice", "gathered", "all kept"])
+def test_pruned_tensors_are_contiguous_and_own_their_memory(keep):
+    model = conv_net()
+    n = len(decode_kept(keep, 8, "").indices)
+    spec = conv_spec(model, keep, n)
+    spec.layers["4"].tensors["weight"] = [None, keep]
+    target = copy.deepcopy(model)
+    old_storages = {t.untyped_storage().data_ptr() for t in target.state_dict().values()}
+    pruned = prune(target, spec)
+    for key, tensor in pruned.state_dict().items():
+        assert tensor.is_contiguous(), key
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), key
+        if tensor.shape != model.state_dict()[key].shape:
+            assert tensor.untyped_storage().data_ptr() not in old_storages, key

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import jsonschema
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torchvision
 
 import prunespec
 from invariant import random_request
 from nets import build
-from prunespec.schemas import SCHEMA_PATH, decode_runs, encode_runs, json_schema, load_spec_bytes
+from prunespec.schemas import (
+    SCHEMA_PATH,
+    decode_runs,
+    encode_runs,
+    json_schema,
+    load_spec_bytes,
+    parse_runs,
+    well_formed_runs,
+)
+from prunespec.schemas.spec import _RUNS_PATTERN
 
 
 def test_committed_schema_matches_the_structs():
@@ -83,4 +95,41 @@ def test_newer_major_version_is_refused_with_the_needed_version():
     data = json.loads(prunespec.plan(model, inputs, [("conv2.weight", 1)]).to_json())
     data["schema_version"] = "2.0"
     with pytest.raises(prunespec.SpecError, match="newer than this prunespec reads.*schema 2.x"):
+        load_spec_bytes(json.dumps(data).encode())
+
+
+RUNS_PIECES = ["0", "1", "7", "12", "007", "2147483647", "2147483648", ",", "-", "x", " ", "+", "_", "\u0663", "\n"]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from(RUNS_PIECES), max_size=9).map("".join))
+def test_well_formed_runs_agrees_with_the_published_pattern(runs):
+    assert well_formed_runs(runs) == bool(re.fullmatch(_RUNS_PATTERN, runs))
+
+
+def test_parse_runs_refuses_a_number_too_long_for_int():
+    with pytest.raises(prunespec.SpecError, match="is too large"):
+        parse_runs("1" * 5000)
+
+
+@pytest.mark.parametrize(
+    "path, where",
+    [
+        (["request", "pruned_inputs", 0, "channels"], "request.pruned_inputs[0].channels"),
+        (["kept", 0, "channels"], "kept[0].channels"),
+        (["layers", "conv1", "tensors", "weight", 0], "layers['conv1'].tensors['weight'][0]"),
+        (["layers", "conv2", "input", "indices"], "layers['conv2'].input.indices"),
+    ],
+)
+def test_every_runs_field_is_checked_when_a_spec_is_read(path, where):
+    model, inputs = build("conv_conv")
+    data = json.loads(prunespec.plan(model, inputs, [("conv2.weight", 1)]).to_json())
+    data["kept"] = [{"tensor": "conv2.weight", "side": "input", "channels": "0", "reason": "a test"}]
+    data["layers"]["conv2"]["input"] = {"channels": 4, "indices": "0-3"}
+    load_spec_bytes(json.dumps(data).encode())
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = "1-2-3"
+    with pytest.raises(prunespec.SpecError, match=re.escape(f"spec: {where}: '1-2-3' is not a list of index runs")):
         load_spec_bytes(json.dumps(data).encode())

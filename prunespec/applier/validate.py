@@ -5,20 +5,27 @@ layer, holding the new tensors already computed. `prune` only assigns what `chec
 not fit raises `SpecError` here and the model stays exactly as it was. Every message names the layer and field:
 
     layer 'layer1.0.conv1': tensor 'weight' axis 1: index 70 is out of range for size 64
+
+Applying a spec should cost little more than copying the kept weights, so the index runs of all fields are decoded
+together up front (`_Decoder`, `_decode_together`), and each new tensor is made with one gather per pruned axis
+(`_select`). `decode_kept` is the plain one-field decoder that finds and words every problem.
 """
 
 from __future__ import annotations
 
 import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import accumulate, chain
 
+import msgspec
 import torch
 from torch import nn
 
 from prunespec.applier.rules import Rule, rule_for
 from prunespec.errors import SpecError, nearest
-from prunespec.schemas import SCHEMA_VERSION, LayerSpec, PruningSpec, parse_runs
+from prunespec.schemas import SCHEMA_VERSION, LayerSpec, PruningSpec, parse_runs, well_formed_runs
+from prunespec.schemas.spec import MAX_INDEX
 
 # The non-persistent buffer on a consumer that holds the input positions it reads; see `prune.InputSubselection`.
 INDICES_BUFFER = "_prunespec_input_indices"
@@ -62,8 +69,28 @@ def check(model: nn.Module, spec: PruningSpec) -> list[LayerChange]:
         )
     check_fingerprint(model, spec.fingerprint)
     modules = dict(model.named_modules())
+    decoder = _Decoder(_index_fields(spec, modules))
     with torch.no_grad():
-        return [_check_layer(name, layer, modules) for name, layer in spec.layers.items()]
+        return [_check_layer(name, layer, modules, decoder) for name, layer in spec.layers.items()]
+
+
+def _index_fields(spec: PruningSpec, modules: dict[str, nn.Module]) -> Iterator[tuple[str, int]]:
+    """(runs, size) of each index field of the spec that names an axis of the model, to decode them together.
+
+    Fields that do not fit are left out: `_check_layer` reports them.
+    """
+    for name, layer in spec.layers.items():
+        module = modules.get(name)
+        if module is None:
+            continue
+        for tensor_name, axes in layer.tensors.items():
+            tensor = module._parameters.get(tensor_name)
+            if tensor is None:
+                tensor = module._buffers.get(tensor_name)
+            if tensor is not None and len(axes) <= tensor.ndim:
+                yield from ((runs, tensor.shape[axis]) for axis, runs in enumerate(axes) if isinstance(runs, str))
+        if layer.input is not None and isinstance(layer.input.indices, str) and isinstance(layer.input.channels, int):
+            yield layer.input.indices, layer.input.channels
 
 
 def describe(tensor: torch.Tensor) -> str:
@@ -72,7 +99,7 @@ def describe(tensor: torch.Tensor) -> str:
     >>> describe(torch.zeros(64, 3, 7, 7)), describe(torch.tensor(3))
     ('float32[64,3,7,7]', 'int64[]')
     """
-    return f"{str(tensor.dtype).removeprefix('torch.')}[{','.join(str(n) for n in tensor.shape)}]"
+    return f"{str(tensor.dtype).removeprefix('torch.')}[{','.join(map(str, tensor.shape))}]"
 
 
 def fingerprint(model: nn.Module) -> dict[str, str]:
@@ -81,7 +108,8 @@ def fingerprint(model: nn.Module) -> dict[str, str]:
     >>> fingerprint(nn.Linear(3, 2))
     {'weight': 'float32[2,3]', 'bias': 'float32[2]'}
     """
-    return {key: describe(t) for key, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
+    # keep_vars: the tensors themselves, not detached copies; only their dtype and shape are read.
+    return {key: describe(t) for key, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
 
 
 def check_fingerprint(model: nn.Module, expected: dict[str, str]) -> None:
@@ -104,7 +132,7 @@ def check_fingerprint(model: nn.Module, expected: dict[str, str]) -> None:
             raise SpecError(f"fingerprint: the model has tensor {key!r} ({have}) that the spec does not list")
 
 
-def _check_layer(name: str, layer: LayerSpec, modules: dict[str, nn.Module]) -> LayerChange:
+def _check_layer(name: str, layer: LayerSpec, modules: dict[str, nn.Module], decode: _Decoder) -> LayerChange:
     where = f"layer {name!r}"
     module = modules.get(name)
     if module is None:
@@ -124,15 +152,14 @@ def _check_layer(name: str, layer: LayerSpec, modules: dict[str, nn.Module]) -> 
         tensor = tensors[tensor_name]
         if len(axes) > tensor.ndim:
             raise SpecError(f"{where}: tensor {tensor_name!r}: {len(axes)} axes listed but it has only {tensor.ndim}")
-        change.kept[tensor_name] = []
-        for axis, runs in enumerate(axes):
-            field_name = f"{where}: tensor {tensor_name!r} axis {axis}"
-            kept = None if runs is None else _indices(runs, tensor.shape[axis], field_name)
-            change.kept[tensor_name].append(kept)
-            if kept is not None and not _is_identity(kept, tensor.shape[axis]):
-                tensor = tensor.index_select(axis, kept.to(tensor.device))
-        if tensor is not tensors[tensor_name]:
-            tensors[tensor_name] = change.tensors[tensor_name] = tensor
+        kept = [
+            None if runs is None else decode(runs, tensor.shape[axis], f"{where}: tensor {tensor_name!r} axis {axis}")
+            for axis, runs in enumerate(axes)
+        ]
+        change.kept[tensor_name] = [None if k is None else k.indices for k in kept]
+        selected = _select(tensor, kept)
+        if selected is not tensor:
+            tensors[tensor_name] = change.tensors[tensor_name] = selected
 
     for attribute, value in layer.attributes.items():
         if attribute not in change.rule.attributes:
@@ -149,39 +176,94 @@ def _check_layer(name: str, layer: LayerSpec, modules: dict[str, nn.Module]) -> 
         raise SpecError(f"{where}: {problem}")
 
     if layer.input is not None:
-        change.input = _check_input(where, layer, module, change.rule, after, tensors)
+        change.input = _check_input(where, layer, module, change.rule, after, tensors, decode)
     return change
 
 
-def _check_input(where: str, layer: LayerSpec, module: nn.Module, rule: Rule, after, tensors) -> InputGather:
+def _check_input(
+    where: str, layer: LayerSpec, module: nn.Module, rule: Rule, after, tensors, decode: _Decoder
+) -> InputGather:
     where = f"{where}: input"
     if rule.input_axis is None:
         raise SpecError(f"{where}: a {layer.type} takes no input subselection")
     if INDICES_BUFFER in module._buffers:
         raise SpecError(f"{where}: the module already has an input subselection (was the spec applied already?)")
-    indices = _indices(layer.input.indices, layer.input.channels, f"{where} indices")
+    kept = decode(layer.input.indices, layer.input.channels, f"{where} indices")
     reads = rule.input_channels(after, tensors)
-    if len(indices) != reads:
-        raise SpecError(f"{where} indices: {len(indices)} given but the pruned {layer.type} reads {reads} channels")
-    start = int(indices[0]) if len(indices) else 0
-    contiguous = bool((indices == torch.arange(start, start + len(indices))).all())
+    if len(kept.indices) != reads:
+        raise SpecError(
+            f"{where} indices: {len(kept.indices)} given but the pruned {layer.type} reads {reads} channels"
+        )
     device = next(iter(tensors.values())).device if tensors else None
     return InputGather(
         axis=rule.input_axis,
         channels=layer.input.channels,
-        indices=indices.to(device),
-        start=start if contiguous else None,
+        # A copy of its own: the decoded indices are shared with every other field that has the same runs.
+        indices=kept.indices.to(device, copy=True),
+        start=kept.start,
     )
 
 
-def _indices(runs: str, size: int, where: str) -> torch.Tensor:
-    """Decode runs into an index tensor, checking each index is in [0, size) and appears once.
+@dataclass
+class Kept:
+    """The kept indices of one axis, decoded from runs."""
 
-    Runs are checked before they are expanded, so a hostile ``'0-2000000000'`` costs nothing.
+    indices: torch.Tensor
+    start: int | None
+    """The first index when the indices are one ascending run (0 when there are none), so a slice selects them;
+    None when a gather is needed."""
+    _gather_indices: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    >>> _indices("3-4,0", 5, "here").tolist()
-    [3, 4, 0]
-    >>> _indices("1,1", 5, "here")
+    def is_identity(self, size: int) -> bool:
+        """Whether these indices keep every one of `size` entries in order."""
+        return self.start == 0 and len(self.indices) == size
+
+    def gather_indices(self, device: torch.device) -> torch.Tensor:
+        """The indices for `index_select` on `device`, made once however many tensors they select from.
+
+        int32: on CPU, `index_select` of conv and linear weights measured 20-40% faster with int32 indices than
+        with int64 ones. Indices never exceed MAX_INDEX, so they fit.
+        """
+        indices = self._gather_indices.get(device)
+        if indices is None:
+            indices = self._gather_indices[device] = self.indices.to(device, torch.int32)
+        return indices
+
+
+class _Decoder:
+    """`decode_kept` for one `check`, made cheap for a whole spec.
+
+    Each distinct (runs, size) is decoded once: a spec repeats a producer's kept channels on its norm's tensors and
+    on every consumer that reads them. The fields named up front are decoded together by `_decode_together`, whose
+    cost hardly grows with their number. If any of them is not valid, none is decoded up front, and `decode_kept`
+    decodes each field when `check` asks for it, so the first problem in spec order is the one reported.
+    """
+
+    def __init__(self, fields: Iterable[tuple[str, int]] = ()) -> None:
+        unique = list(dict.fromkeys(fields))
+        kept = _decode_together(unique) if unique else None
+        self._decoded: dict[tuple[str, int], Kept] = {} if kept is None else dict(zip(unique, kept))
+
+    def __call__(self, runs: str, size: int, where: str) -> Kept:
+        if not isinstance(runs, str):  # unhashable, perhaps: decode_kept words the error
+            return decode_kept(runs, size, where)
+        kept = self._decoded.get((runs, size))
+        if kept is None:
+            kept = self._decoded[runs, size] = decode_kept(runs, size, where)
+        return kept
+
+
+def decode_kept(runs: str, size: int, where: str) -> Kept:
+    """Decode runs into kept indices, checking each index is in [0, size) and appears once.
+
+    One field, run by run: the reference that `_decode_together` is tested against, and where every problem is
+    found and worded. Runs are checked before they are expanded, so a hostile ``'0-2000000000'`` costs nothing.
+
+    >>> decode_kept("3-4,0", 5, "here")
+    Kept(indices=tensor([3, 4, 0]), start=None)
+    >>> decode_kept("0-1,2-3", 5, "here")
+    Kept(indices=tensor([0, 1, 2, 3]), start=0)
+    >>> decode_kept("1,1", 5, "here")
     Traceback (most recent call last):
     ...
     prunespec.errors.SpecError: here: index 1 appears twice
@@ -196,12 +278,116 @@ def _indices(runs: str, size: int, where: str) -> torch.Tensor:
             raise SpecError(f"{where}: index {lo} appears twice")
         last = hi
     if not pairs:
-        return torch.empty(0, dtype=torch.long)
+        return Kept(torch.empty(0, dtype=torch.long), start=0)
     expanded = array.array("q")  # filling a C array from ranges is far quicker than any tensor op for this
     for lo, hi in pairs:
         expanded.extend(range(lo, hi + 1))
-    return torch.frombuffer(expanded, dtype=torch.long)
+    ascending = all(later == earlier + 1 for (_, earlier), (later, _) in zip(pairs, pairs[1:]))
+    return Kept(torch.frombuffer(expanded, dtype=torch.long), start=pairs[0][0] if ascending else None)
 
 
-def _is_identity(indices: torch.Tensor, size: int) -> bool:
-    return len(indices) == size and bool((indices == torch.arange(size)).all())
+_INTEGERS = msgspec.json.Decoder(list[int])
+
+
+def _decode_together(fields: list[tuple[str, int]]) -> list[Kept] | None:
+    """`decode_kept` of many fields at once, or None when any of them is not valid.
+
+    The runs of all fields are joined by commas and decoded as one, so each step below is one tensor op for the
+    whole spec, where `decode_kept` costs Python work per run. It checks less finely: anything unusual (a malformed
+    field, an index out of range or repeated, a number written with leading zeros) gives None, and `decode_kept`
+    finds and words it.
+
+    >>> [k.indices.tolist() for k in _decode_together([("3-4,0", 5), ("", 3), ("2-8", 9)])]
+    [[3, 4, 0], [], [2, 3, 4, 5, 6, 7, 8]]
+    >>> _decode_together([("3-4,0", 5), ("1,1", 3)]) is None
+    True
+    """
+    texts = [runs for runs, _ in fields]
+    if not all(isinstance(runs, str) and well_formed_runs(runs) for runs in texts):
+        return None
+    if not all(type(size) is int for _, size in fields):
+        return None
+    text = ",".join(filter(None, texts)).encode()
+    if not text:
+        return [Kept(torch.empty(0, dtype=torch.long), start=0) for _ in fields]
+    try:
+        # With dashes made commas, the runs are a JSON list of integers, which msgspec reads quickest.
+        numbers = _INTEGERS.decode(b"[" + text.replace(b"-", b",") + b"]")
+        numbers = torch.frombuffer(array.array("q", numbers), dtype=torch.long)
+    except (msgspec.DecodeError, OverflowError):  # a leading zero, a number past int64
+        return None
+
+    separators = text.translate(None, b"0123456789")  # the one between numbers i and i + 1 is separators[i]
+    if separators:
+        commas = (torch.frombuffer(bytearray(separators), dtype=torch.uint8) == ord(",")).nonzero().squeeze(1)
+    else:  # a single number; frombuffer refuses an empty buffer
+        commas = torch.zeros(0, dtype=torch.long)
+    # A run starts at the first number and just after each comma, and ends just before the next run starts.
+    first_at = torch.cat([torch.zeros(1, dtype=torch.long), commas + 1])
+    last_at = torch.cat([first_at[1:] - 1, torch.tensor([len(numbers) - 1])])
+    lo, hi = numbers[first_at], numbers[last_at]
+    upward = first_at != last_at  # the runs written 'a-b', which need a < b
+    run_counts = [runs.count(",") + 1 if runs else 0 for runs in texts]
+    # No index goes past MAX_INDEX, whatever the size.
+    sizes = torch.tensor([min(size, MAX_INDEX + 1) for _, size in fields])
+    if bool(((hi <= lo) & upward).any()) or bool((hi >= sizes.repeat_interleave(torch.tensor(run_counts))).any()):
+        return None
+
+    # Sorted by field and then by first index, a field's runs overlap exactly when some index appears twice. Once
+    # they do not, each field has at most `size` indices, so expanding them is safe.
+    field_of_run = torch.arange(len(fields)).repeat_interleave(torch.tensor(run_counts))
+    by_start = (field_of_run * (MAX_INDEX + 1) + lo).argsort()
+    lo_sorted, hi_sorted, field_sorted = lo[by_start], hi[by_start], field_of_run[by_start]
+    if bool(((lo_sorted[1:] <= hi_sorted[:-1]) & (field_sorted[1:] == field_sorted[:-1])).any()):
+        return None
+    lengths = hi - lo + 1
+    ends = lengths.cumsum(0)
+    total = int(ends[-1])
+    # An index is its run's first index plus its place in the run: its place overall less where the run starts.
+    indices = (lo - (ends - lengths)).repeat_interleave(lengths, output_size=total) + torch.arange(total)
+    run_bounds = [0, *accumulate(run_counts)]  # field i has runs run_bounds[i] up to run_bounds[i + 1]
+    field_runs = torch.tensor(run_bounds)
+    indices_before = torch.cat([torch.zeros(1, dtype=torch.long), ends])
+    counts = (indices_before[field_runs[1:]] - indices_before[field_runs[:-1]]).tolist()
+
+    # A field is one ascending run when each of its runs but the first starts just past where the one before ends.
+    first_runs = [first for first, count in zip(run_bounds, run_counts) if count]  # of the fields that have runs
+    breaks = torch.ones(len(lo), dtype=torch.bool)
+    breaks[1:] = lo[1:] != hi[:-1] + 1
+    breaks[first_runs] = True
+    breaks_before = torch.cat([torch.zeros(1, dtype=torch.long), breaks.cumsum(0)])
+    ascending = (breaks_before[field_runs[1:]] - breaks_before[field_runs[:-1]] <= 1).tolist()
+    first_indices = iter(lo[first_runs].tolist())
+    starts = [next(first_indices) if count else 0 for count in run_counts]
+    return [
+        Kept(field_indices, start=start if one_run else None)
+        for field_indices, start, one_run in zip(indices.split(counts), starts, ascending)
+    ]
+
+
+def _select(tensor: torch.Tensor, kept: list[Kept | None]) -> torch.Tensor:
+    """`tensor` with only the kept entries along each axis, as a new contiguous tensor; `tensor` itself when every
+    listed axis keeps all of its entries in order.
+
+    Axes kept as one ascending run are sliced first (`narrow`: a view, no copy), so that the gathers that follow
+    (`index_select`, axis 0 up) read only what stays; the last gather writes the new tensor. Measured, one
+    `index_select` per axis beats any single multi-axis gather. A result that is only slices is cloned: the pruned
+    model must not pin the storage of the old tensor.
+
+    >>> t = torch.arange(12).view(3, 4)
+    >>> _select(t, [decode_kept("2,0", 3, ""), decode_kept("1-2", 4, "")]).tolist()
+    [[9, 10], [1, 2]]
+    >>> _select(t, [None, decode_kept("0-3", 4, "")]) is t
+    True
+    """
+    changed = [(axis, k) for axis, k in enumerate(kept) if k is not None and not k.is_identity(tensor.shape[axis])]
+    selected = tensor
+    for axis, axis_kept in changed:
+        if axis_kept.start is not None:
+            selected = selected.narrow(axis, axis_kept.start, len(axis_kept.indices))
+    gathers = [(axis, axis_kept) for axis, axis_kept in changed if axis_kept.start is None]
+    for axis, axis_kept in gathers:
+        selected = selected.index_select(axis, axis_kept.gather_indices(selected.device))
+    if changed and not gathers:
+        selected = selected.clone(memory_format=torch.contiguous_format)
+    return selected

@@ -25,6 +25,7 @@ from prunespec.schemas.spec import (
     load_spec,
     load_spec_bytes,
     parse_runs,
+    well_formed_runs,
     write_atomic,
 )
 
@@ -49,5 +50,6 @@ __all__ = [
     "load_spec",
     "load_spec_bytes",
     "parse_runs",
+    "well_formed_runs",
     "write_atomic",
 ]
