@@ -16,8 +16,9 @@ the "Performance" section of README.md between `<!-- bench:start -->` and `<!-- 
 4. `scaling`: planning time and peak memory over model depth/width, input resolution and batch size.
 5. `profile`: torch.profiler's top ops of one pruned resnet50 from prunespec and from upscale.
 
-Every number is a median over at least `--repeats` runs after warm-up (`common.time_it`), every comparison is
-with a peer measured in the same run, and a peer that crashes on a model leaves its error string in the table.
+Every number is a median over at least `--repeats` runs after warm-up (`common.time_it`); the models compared in
+one latency row are timed round-robin (`common.time_together`), so a slow spell hits them alike. Every comparison
+is with a peer measured in the same run, and a peer that crashes on a model leaves its error string in the table.
 Tables are rendered by `report.py`.
 """
 
@@ -171,7 +172,6 @@ class Bench:
             x1 = common.example_input()
             dense_macs = common.count_macs(model, x1)
             batches = [1] + ([32] if name in self.args.batch32_models else [])
-            dense = {(d, b): self.forward_time(model, d, b) for d in devices for b in batches}
             for fraction in self.args.fractions:
                 self.log("latency", name, f"{fraction:.0%}")
                 request = self.request(name, model, fraction)
@@ -179,17 +179,17 @@ class Bench:
                 variants = self.pruned_variants(model, x1, spec, request)
                 for d in devices:
                     for b in batches:
+                        # The dense model is timed again beside each pattern's pruned models, round-robin.
+                        contenders = {"dense": model} | {k: v["model"] for k, v in variants.items() if "model" in v}
+                        times = self.forward_times(contenders, d, b)
                         row = {"model": name, "device": d, "batch": b, "fraction": fraction,
-                               "requested": len(request), "dense": dense[(d, b)], "dense_macs": dense_macs,
+                               "requested": len(request), "dense": times["dense"], "dense_macs": dense_macs,
                                "spec_macs": [spec.summary.macs_before, spec.summary.macs_after]}  # fmt: skip
                         row["variants"] = {
-                            key: {**info, "latency": self.forward_time(info["model"], d, b)}
-                            if "model" in info
-                            else info
+                            key: {k: v for k, v in info.items() if k != "model"}
+                            | ({"latency": times[key]} if key in times else {})
                             for key, info in variants.items()
                         }
-                        for info in row["variants"].values():
-                            info.pop("model", None)
                         rows.append(row)
                 if fraction == common.MAIN_FRACTION and not self.args.skip_export and "model" in variants["prunespec"]:
                     exports.append({"model": name, **self.exported(variants["prunespec"]["model"], x1)})
@@ -221,17 +221,24 @@ class Bench:
             variants["upscale"] = variants["upscale_noreorder"] = {"error": "not installed"}
         return variants
 
-    def forward_time(self, model, device: str, batch: int) -> dict:
+    def forward_times(self, models: dict[str, torch.nn.Module], device: str, batch: int) -> dict[str, dict]:
+        """Forward latency of each model on one input, timed round-robin (`common.time_together`)."""
         x = common.example_input(224, batch).to(device)
-        model = model.to(device) if device == "cpu" else copy.deepcopy(model).to(device)
+        if device != "cpu":
+            models = {key: copy.deepcopy(m).to(device) for key, m in models.items()}
         sync = torch.cuda.synchronize if device == "cuda" else None
-        min_time = 0.5 if batch == 1 else 0.0
 
-        def forward():
+        def forward(m):
             with torch.no_grad():
-                model(x)
+                m(x)
 
-        return self.timed(forward, warmup=2, min_time=min_time, max_repeats=30, sync=sync)
+        rounds = max(self.args.repeats, 7) if batch == 1 else self.args.repeats
+        return common.time_together(
+            {key: (lambda m=m: forward(m)) for key, m in models.items()},
+            rounds=rounds,
+            min_time=0.05 if batch == 1 else 0.0,
+            sync=sync,
+        )
 
     def exported(self, pruned, x) -> dict:
         """Latency of the prunespec model as a `torch.export`ed program (its `.module()`), batch 1, CPU."""
@@ -240,8 +247,7 @@ class Bench:
             start = time.perf_counter()
             program = torch.export.export(pruned, (x,)).module()
             seconds = time.perf_counter() - start
-            return {"export_s": seconds, "eager": self.forward_time(pruned, "cpu", 1),
-                    "exported": self.forward_time(program, "cpu", 1)}  # fmt: skip
+            return {"export_s": seconds, **self.forward_times({"eager": pruned, "exported": program}, "cpu", 1)}
 
         return guarded(run)
 

@@ -132,6 +132,56 @@ def time_it(
     }
 
 
+def time_together(
+    fns: dict[str, Callable[[], object]],
+    rounds: int = 7,
+    min_time: float = 0.0,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, dict]:
+    """Median wall time in ms of each of `fns`, timed round-robin: one warm-up call each, then `rounds` rounds.
+
+    In each round every function runs once (more often while the round has taken less than `min_time` seconds
+    per function), in a fixed order. A slow spell of the machine then hits every function alike, so ratios between
+    them stay meaningful when absolute times drift. A function that raises gets {"error": ...} and drops out.
+    """
+    sync = sync or (lambda: None)
+    samples: dict[str, list[float]] = {key: [] for key in fns}
+    results: dict[str, dict] = {}
+
+    def once(fn) -> float:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
+
+    def warm_up(fn) -> dict:
+        once(fn)
+        return {}
+
+    for key, fn in fns.items():
+        results[key] = guarded(lambda fn=fn: warm_up(fn))
+    live = {key: fn for key, fn in fns.items() if "error" not in results[key]}
+    for _ in range(rounds):
+        for key, fn in live.items():
+            spent = 0.0
+            while True:
+                seconds = once(fn)
+                samples[key].append(seconds)
+                spent += seconds
+                if spent >= min_time:
+                    break
+    for key in live:
+        times_ms = sorted(t * 1e3 for t in samples[key])
+        results[key] = {
+            "median_ms": statistics.median(times_ms),
+            "min_ms": times_ms[0],
+            "max_ms": times_ms[-1],
+            "n": len(times_ms),
+        }
+    return results
+
+
 def guarded(fn: Callable[[], dict]) -> dict:
     """Run one measurement; an exception becomes {"error": "..."} so that one crash costs one cell."""
     try:

@@ -83,8 +83,9 @@ def header(meta: dict) -> list[str]:
         ),
         "",
         (
-            f"Times are medians over at least {meta['repeats']} runs after warm-up (`time.perf_counter`; latency runs "
-            "repeat for at least 0.5 s at batch 1), in ms. Each pattern picks every input channel of every consumer "
+            f"Times are medians over at least {meta['repeats']} runs after warm-up (`time.perf_counter`), in ms; the "
+            "models of one latency row (dense, prunespec, upscale) are timed round-robin, at least 7 rounds of at "
+            "least 50 ms each at batch 1, so that a slow spell of the machine hits them alike. Each pattern picks every input channel of every consumer "
             f"(as listed by prunespec's tracer{image}) "
             "with probability p from `random.Random(0)`; all libraries get the same "
             "(parameter name, channel) list. Ratios are prunespec / peer, measured in the same run: below 1 means "
