@@ -23,6 +23,7 @@ import typer
 from torch import nn
 
 import prunespec
+from prunespec import review
 from prunespec.errors import PlanError, SpecError
 from prunespec.models import ModelError, load_model
 from prunespec.schemas import atomic_path
@@ -253,6 +254,72 @@ def apply_command(
         typer.echo(f"wrote {output} ({'mock' if mock else 'pruned'} model)")
 
 
+SpecArgument = Annotated[Path, typer.Argument(metavar="SPEC", help="A spec written by 'prunespec plan'.")]
+FormatOption = Annotated[str, typer.Option("--format", "-f", metavar="FORMAT", help="text, markdown or json.")]
+
+
+@app.command("show")
+def show_command(spec_path: SpecArgument, fmt: FormatOption = "text") -> None:
+    """Summarise SPEC: each touched layer's channels and sizes before -> after, its subselection, and totals.
+
+    Also fit to be a git 'textconv' for *.prunespec.json files (see the README).
+    """
+    with _reporting_errors():
+        _check_format(fmt)
+        sys.stdout.write(review.render_show(prunespec.load_spec(spec_path), fmt))
+
+
+@app.command("diff")
+def diff_command(
+    paths: Annotated[list[str], typer.Argument(metavar="OLD NEW", help="Two spec files.")],
+    fmt: FormatOption = "text",
+) -> None:
+    """Compare two specs by what they do to the model. Exit status 0: equal, 1: they differ, 2: trouble (as diff).
+
+    Run by git as an external diff driver (seven arguments), it prints the comparison and exits 0, as git expects.
+    """
+    with _reporting_errors(status=2):
+        _check_format(fmt)
+        from_git = review.git_diff_arguments(paths)
+        if from_git is None and len(paths) != 2:
+            raise CliError(f"diff takes two spec files, OLD and NEW; got {len(paths)} arguments")
+        old_path, new_path = from_git or paths
+        if from_git and "/dev/null" in (old_path, new_path):  # git: the file was added or deleted
+            added = old_path == "/dev/null"
+            typer.echo(f"{paths[0]}: spec file {'added' if added else 'deleted'}")
+            sys.stdout.write(review.render_show(prunespec.load_spec(new_path if added else old_path), fmt))
+            return
+        result = review.diff_specs(prunespec.load_spec(old_path), prunespec.load_spec(new_path))
+        shown = (paths[0], paths[0]) if from_git else (old_path, new_path)
+        sys.stdout.write(review.render_diff(result, fmt, shown))
+    if not result.equal and not from_git:
+        raise typer.Exit(1)
+
+
+@app.command("validate")
+def validate_command(
+    spec_path: SpecArgument,
+    model: Annotated[
+        Optional[str], typer.Option("--model", metavar="MODEL", help="Also check the spec against this model.")
+    ] = None,
+    weights: WeightsOption = None,
+) -> None:
+    """Check SPEC against the JSON Schema and, with --model, against the model; report every problem found."""
+    with _reporting_errors():
+        if weights is not None and model is None:
+            raise CliError("--weights needs --model: the weights are loaded into that model")
+        found = spec_problems(spec_path.read_bytes(), str(spec_path))
+        if not found and model is not None:
+            from prunespec.applier.validate import problems
+
+            found = problems(load_model(model, weights), prunespec.load_spec(spec_path))
+        for problem in found:
+            typer.echo(f"{spec_path}: {problem}")
+        if found:
+            _fail(f"{spec_path}: {len(found)} problem(s)")
+        typer.echo(f"{spec_path}: valid (JSON Schema{', model ' + model if model else ''})")
+
+
 @app.command("schema")
 def schema_command() -> None:
     """Print the JSON Schema of spec files."""
@@ -270,8 +337,8 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def _reporting_errors() -> Iterator[None]:
-    """Turn a failure into one `error:` line and exit status 1, unless --debug asks for the traceback."""
+def _reporting_errors(status: int = 1) -> Iterator[None]:
+    """Turn a failure into one `error:` line and exit `status`, unless --debug asks for the traceback."""
     try:
         yield
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
@@ -279,12 +346,12 @@ def _reporting_errors() -> Iterator[None]:
     except EXPECTED_ERRORS as e:
         if _debug:
             raise
-        _fail(_message(e))
+        _fail(_message(e), status)
     except Exception as e:
         if _debug:
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        _fail(f"unexpected {type(e).__name__}: {first} (run 'prunespec --debug ...' for the traceback)")
+        _fail(f"unexpected {type(e).__name__}: {first} (run 'prunespec --debug ...' for the traceback)", status)
 
 
 def _message(error: BaseException) -> str:
@@ -295,9 +362,41 @@ def _message(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 1) -> None:
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(status)
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in review.FORMATS:
+        raise CliError(f"--format {fmt!r}: use one of {', '.join(review.FORMATS)}")
+
+
+def spec_problems(data: bytes, source: str) -> list[str]:
+    """Every problem of a spec file on its own: not JSON, each JSON Schema violation, or what `load_spec` refuses.
+
+    The JSON Schema check lists all violations at once; the reader's own checks (versions, index runs) follow
+    only when the schema holds, since they stop at the first problem.
+    """
+    import jsonschema
+
+    from prunespec.schemas import json_schema, load_spec_bytes
+
+    try:
+        data_json = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return [f"not a JSON file: {e}"]
+    validator = jsonschema.Draft202012Validator(json_schema())
+    found = [
+        f"{'/'.join(str(p) for p in error.absolute_path) or '(top level)'}: {error.message[:200]}"
+        for error in sorted(validator.iter_errors(data_json), key=lambda e: list(map(str, e.absolute_path)))
+    ]
+    if not found:
+        try:
+            load_spec_bytes(data, source)
+        except SpecError as e:
+            found.append(str(e))
+    return found
 
 
 def _check_output_folder(output: Path) -> None:

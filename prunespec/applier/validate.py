@@ -114,22 +114,57 @@ def fingerprint(model: nn.Module) -> dict[str, str]:
 
 def check_fingerprint(model: nn.Module, expected: dict[str, str]) -> None:
     """Raise `SpecError` naming the first tensor where the model differs from the spec's fingerprint."""
+    found = fingerprint_problems(model, expected)
+    if found:
+        raise SpecError(found[0])
+
+
+def fingerprint_problems(model: nn.Module, expected: dict[str, str]) -> list[str]:
+    """Every tensor where the model differs from the spec's fingerprint, one message each.
+
+    >>> for message in fingerprint_problems(nn.Linear(3, 2), {"weight": "float32[2,4]", "extra": "float32[2]"}):
+    ...     print(message.split(" but ")[0])
+    fingerprint: tensor 'weight' is float32[2,4] in the spec
+    fingerprint: the spec expects tensor 'extra' (float32[2])
+    fingerprint: the model has tensor 'bias' (float32[2]) that the spec does not list
+    """
     actual = fingerprint(model)
+    found = []
     for key, want in expected.items():
         have = actual.get(key)
         if have is None:
-            raise SpecError(
-                f"fingerprint: the spec expects tensor {key!r} ({want}) but the model has none; "
-                f"{nearest(key, actual)}"
+            found.append(
+                f"fingerprint: the spec expects tensor {key!r} ({want}) but the model has none; {nearest(key, actual)}"
             )
-        if have != want:
-            raise SpecError(
+        elif have != want:
+            found.append(
                 f"fingerprint: tensor {key!r} is {want} in the spec but {have} in the model "
                 "(was the spec planned for another model, or applied already?)"
             )
     for key, have in actual.items():
         if key not in expected:
-            raise SpecError(f"fingerprint: the model has tensor {key!r} ({have}) that the spec does not list")
+            found.append(f"fingerprint: the model has tensor {key!r} ({have}) that the spec does not list")
+    return found
+
+
+def problems(model: nn.Module, spec: PruningSpec) -> list[str]:
+    """Every way `spec` does not fit `model`, one message each; empty exactly when `check` would pass.
+
+    Unlike `check`, it goes on after a problem, so a reviewer sees all of them at once. The model is not modified.
+    """
+    found = []
+    if spec.schema_version != SCHEMA_VERSION:
+        found.append(f"schema_version: the spec has {spec.schema_version!r}; this prunespec applies {SCHEMA_VERSION!r}")
+    found += fingerprint_problems(model, spec.fingerprint)
+    modules = dict(model.named_modules())
+    decoder = _Decoder(_index_fields(spec, modules))
+    with torch.no_grad():
+        for name, layer in spec.layers.items():
+            try:
+                _check_layer(name, layer, modules, decoder)
+            except SpecError as e:
+                found.append(str(e))
+    return found
 
 
 def _check_layer(name: str, layer: LayerSpec, modules: dict[str, nn.Module], decode: _Decoder) -> LayerChange:

@@ -1,0 +1,343 @@
+"""Review: what a spec does (`show`) and how two specs differ (`diff`), read from the spec files alone.
+
+Start with `layer_rows`: one `LayerRow` per touched module, with its channels and tensor sizes before and after,
+worked out from the spec's fingerprint (the shapes before) and its kept indices (the sizes after). `render_show`
+prints them as text, markdown or JSON. `diff_specs` compares two specs layer by layer and tensor axis by tensor
+axis, by the *sets* of original indices they keep, so a reordering alone is told apart from a change of channels;
+`render_diff` prints the result, with a one-line verdict. Nothing here needs the model, torch or the planner.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+from prunespec.schemas import LayerSpec, PruningSpec, decode_runs, encode_runs, parse_runs
+
+FORMATS = ("text", "markdown", "json")
+
+
+@dataclass
+class LayerRow:
+    """One touched module as `show` prints it; `None` where a count does not apply (a norm has no input side)."""
+
+    name: str
+    type: str
+    inputs: tuple[int, int] | None  # input channels before, after
+    outputs: tuple[int, int] | None  # output channels before, after
+    elements: tuple[int, int]  # elements of the module's own tensors (parameters and buffers) before, after
+    subselection: str  # "", "slice" (one contiguous run: a view) or "gather" (a memory copy at run time)
+
+
+def _shape(spec: PruningSpec, tensor: str) -> list[int] | None:
+    """The shape of `tensor` before pruning, from the fingerprint (``'float32[64,3,7,7]'``)."""
+    text = spec.fingerprint.get(tensor)
+    if text is None:
+        return None
+    sizes = text[text.index("[") + 1 : -1]
+    return [int(n) for n in sizes.split(",")] if sizes else []
+
+
+def _kept_count(runs: str | None, size: int) -> int:
+    """How many indices `runs` keeps out of `size` (all of them when the axis is not listed).
+
+    >>> _kept_count("0-3,7", 8), _kept_count(None, 8)
+    (5, 8)
+    """
+    if runs is None:
+        return size
+    return sum(hi - lo + 1 for lo, hi in parse_runs(runs))
+
+
+def _join(module: str, local: str) -> str:
+    return f"{module}.{local}" if module else local
+
+
+def _channel_axes(layer: LayerSpec) -> tuple[int | None, int | None]:
+    """Which axes of the weight hold the (input, output) channels of this module type."""
+    if layer.type.startswith("ConvTranspose"):
+        return 0, 1
+    if layer.type.startswith(("Conv", "Linear")) or layer.type == "Bilinear":
+        return 1, 0
+    return None, 0
+
+
+def layer_rows(spec: PruningSpec) -> list[LayerRow]:
+    """One row per touched module, in model order.
+
+    >>> from prunespec.schemas import LayerSpec, PruningSpec, Request, Summary
+    >>> spec = PruningSpec(model="Net", inputs=[], request=Request([], [], False, True),
+    ...     summary=Summary(0, 0, 0, 0, 1), fingerprint={"c.weight": "float32[8,4,3,3]", "c.bias": "float32[8]"},
+    ...     layers={"c": LayerSpec("Conv2d", {}, {"weight": ["0-5", "1-3"], "bias": ["0-5"]})})
+    >>> layer_rows(spec)[0]
+    LayerRow(name='c', type='Conv2d', inputs=(4, 3), outputs=(8, 6), elements=(296, 168), subselection='')
+    """
+    rows = []
+    for name, layer in spec.layers.items():
+        elements_before = elements_after = 0
+        for local, axes in layer.tensors.items():
+            shape = _shape(spec, _join(name, local)) or []
+            elements_before += math.prod(shape)
+            after = [_kept_count(axes[a] if a < len(axes) else None, n) for a, n in enumerate(shape)]
+            elements_after += math.prod(after)
+        in_axis, out_axis = _channel_axes(layer)
+        weight_shape = _shape(spec, _join(name, "weight"))
+        weight_axes = layer.tensors.get("weight", [])
+
+        def channels(axis: int | None) -> tuple[int, int] | None:
+            if axis is None or weight_shape is None or axis >= len(weight_shape):
+                return None
+            size = weight_shape[axis]
+            return size, _kept_count(weight_axes[axis] if axis < len(weight_axes) else None, size)
+
+        subselection = ""
+        if layer.input is not None:
+            indices = decode_runs(layer.input.indices)
+            contiguous = indices == list(range(indices[0], indices[0] + len(indices))) if indices else True
+            subselection = "slice" if contiguous else "gather"
+        rows.append(
+            LayerRow(name, layer.type, channels(in_axis), channels(out_axis), (elements_before, elements_after),
+                     subselection)  # fmt: skip
+        )
+    return rows
+
+
+def _arrow(pair: tuple[int, int] | None) -> str:
+    if pair is None:
+        return "–"
+    return f"{pair[0]}" if pair[0] == pair[1] else f"{pair[0]} → {pair[1]}"
+
+
+def _mode(spec: PruningSpec) -> str:
+    request = spec.request
+    mode = "constrained" if request.constrained else "unconstrained"
+    mode += ", reordered" if request.reorder else ", not reordered"
+    return mode + (", zeroed channels" if request.zeroed else ", requested channels")
+
+
+def _change(before: int, after: int) -> str:
+    """Before → after with the relative change.
+
+    >>> _change(200, 150)
+    '200 → 150 (-25.0%)'
+    """
+    percent = f" ({(after - before) / before * 100:+.1f}%)" if before else ""
+    return f"{before:,} → {after:,}{percent}"
+
+
+def _table(head: list[str], body: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        escape = [[cell.replace("|", "\\|") for cell in row] for row in body]
+        return [f"| {' | '.join(head)} |", f"|{'|'.join('---' for _ in head)}|"] + [
+            f"| {' | '.join(row)} |" for row in escape
+        ]
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [head, *body]]
+
+
+def render_show(spec: PruningSpec, fmt: str = "text") -> str:
+    """The summary `prunespec show` prints, as text, markdown or JSON."""
+    rows = layer_rows(spec)
+    s = spec.summary
+    if fmt == "json":
+        data = {
+            "model": spec.model,
+            "schema_version": spec.schema_version,
+            "mode": _mode(spec),
+            "layers": [asdict(row) for row in rows],
+            "summary": {k: getattr(s, k) for k in s.__struct_fields__},
+            "kept": [
+                {"tensor": k.tensor, "side": k.side, "channels": k.channels, "reason": k.reason} for k in spec.kept
+            ],
+        }
+        return json.dumps(data, indent=2)
+    markdown = fmt == "markdown"
+    head = ["layer", "type", "inputs", "outputs", "tensor elements", "subselection"]
+    body = [[r.name, r.type, _arrow(r.inputs), _arrow(r.outputs), _arrow(r.elements), r.subselection or "–"]
+            for r in rows]  # fmt: skip
+    gathers = sum(r.subselection == "gather" for r in rows)
+    slices = sum(r.subselection == "slice" for r in rows)
+    lines = [
+        f"{'## ' if markdown else ''}{spec.model} (schema {spec.schema_version}, {_mode(spec)})",
+        "",
+        *_table(head, body, markdown),
+        "",
+        f"parameters: {_change(s.parameters_before, s.parameters_after)}",
+        f"MACs:       {_change(s.macs_before, s.macs_after)}",
+        f"layers touched: {len(rows)}; activation subselections: {s.subselections} ({slices} slices, {gathers} "
+        "gathers: a gather copies the activation at run time)",
+    ]
+    if spec.kept:
+        lines += ["", f"kept {len(spec.kept)} requested group(s) of channels:"]
+        lines += [f"  {k.tensor} {k.side} channels {k.channels}: {k.reason}" for k in spec.kept]
+    if markdown:
+        lines = [line if line.startswith(("|", "#")) or not line else line + "  " for line in lines]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- diff
+
+
+@dataclass
+class AxisChange:
+    """One tensor axis whose kept indices differ between the two specs."""
+
+    tensor: str
+    axis: int
+    kept: tuple[int, int]  # how many indices OLD and NEW keep
+    dropped: list[int]  # original indices NEW removes that OLD kept
+    restored: list[int]  # original indices NEW keeps that OLD removed
+    reordered: bool  # same indices, another order
+
+
+@dataclass
+class SpecDiff:
+    """Everything `diff` reports; `equal` when the two specs prune the same model the same way."""
+
+    same_model: bool
+    added: list[str] = field(default_factory=list)  # layers only NEW touches
+    removed: list[str] = field(default_factory=list)  # layers only OLD touches
+    changed: dict[str, list[str]] = field(default_factory=dict)  # layer -> what changed, in words
+    axes: list[AxisChange] = field(default_factory=list)
+    summary: dict[str, tuple[int, int]] = field(default_factory=dict)  # summary field -> (old, new), when different
+    request_changed: bool = False
+
+    @property
+    def equal(self) -> bool:
+        return self.same_model and not (
+            self.added or self.removed or self.changed or self.summary or self.request_changed
+        )
+
+
+def _runs_or_all(runs: str | None, size: int) -> list[int]:
+    return list(range(size)) if runs is None else decode_runs(runs)
+
+
+def _compress(indices: list[int]) -> str:
+    """Indices as ascending runs for a message.
+
+    >>> _compress([5, 1, 2, 3])
+    '1-3,5'
+    """
+    return encode_runs(sorted(indices)) or "none"
+
+
+def diff_specs(old: PruningSpec, new: PruningSpec) -> SpecDiff:
+    """Compare two specs by what they do to the model.
+
+    >>> from prunespec.schemas import LayerSpec, PruningSpec, Request, Summary
+    >>> def spec(runs):
+    ...     return PruningSpec(model="Net", inputs=[], request=Request([], [], False, True),
+    ...         summary=Summary(0, 0, 0, 0, 0), fingerprint={"c.weight": "float32[8,4]"},
+    ...         layers={"c": LayerSpec("Linear", {}, {"weight": [runs]})})
+    >>> d = diff_specs(spec("0-5"), spec("0-3,6"))
+    >>> d.equal, d.axes[0].dropped, d.axes[0].restored
+    (False, [4, 5], [6])
+    >>> diff_specs(spec("0-5"), spec("0-5")).equal
+    True
+    """
+    result = SpecDiff(same_model=old.fingerprint == new.fingerprint)
+    result.request_changed = old.request != new.request
+    result.added = [name for name in new.layers if name not in old.layers]
+    result.removed = [name for name in old.layers if name not in new.layers]
+    for name in (n for n in new.layers if n in old.layers):
+        a, b = old.layers[name], new.layers[name]
+        words: list[str] = []
+        for local in dict.fromkeys([*a.tensors, *b.tensors]):
+            shape = _shape(new, _join(name, local)) or _shape(old, _join(name, local)) or []
+            axes_a, axes_b = a.tensors.get(local, []), b.tensors.get(local, [])
+            for axis, size in enumerate(shape):
+                runs_a = axes_a[axis] if axis < len(axes_a) else None
+                runs_b = axes_b[axis] if axis < len(axes_b) else None
+                if runs_a == runs_b:
+                    continue
+                kept_a, kept_b = _runs_or_all(runs_a, size), _runs_or_all(runs_b, size)
+                dropped = sorted(set(kept_a) - set(kept_b))
+                restored = sorted(set(kept_b) - set(kept_a))
+                reordered = not dropped and not restored
+                change = AxisChange(local, axis, (len(kept_a), len(kept_b)), dropped, restored, reordered)
+                result.axes.append(change)
+                what = "reordered" if change.reordered else f"keeps {len(kept_a)} → {len(kept_b)}"
+                if dropped:
+                    what += f", drops {_compress(dropped)}"
+                if restored:
+                    what += f", restores {_compress(restored)}"
+                words.append(f"{local} axis {axis} {what}")
+        if a.attributes != b.attributes:
+            words.append(f"attributes {a.attributes} → {b.attributes}")
+        if a.input != b.input:
+            words.append(f"input subselection {_subselection(a)} → {_subselection(b)}")
+        if words:
+            result.changed[name] = words
+    for key in old.summary.__struct_fields__:
+        before, after = getattr(old.summary, key), getattr(new.summary, key)
+        if before != after:
+            result.summary[key] = (before, after)
+    return result
+
+
+def _subselection(layer: LayerSpec) -> str:
+    if layer.input is None:
+        return "none"
+    return f"{len(decode_runs(layer.input.indices))} of {layer.input.channels}"
+
+
+def verdict(d: SpecDiff) -> str:
+    """The one line that ends every diff."""
+    if d.equal:
+        return "equal: both specs prune the model the same way"
+    parts = []
+    if not d.same_model:
+        parts.append("planned for different models (fingerprints differ)")
+    if d.changed or d.added or d.removed:
+        parts.append(f"{len(d.changed)} layers changed, {len(d.added)} added, {len(d.removed)} removed")
+    for key, label in (("parameters_after", "parameters"), ("macs_after", "MACs"), ("subselections", "subselections")):
+        if key in d.summary:
+            before, after = d.summary[key]
+            parts.append(f"{label} {before:,} → {after:,} ({after - before:+,})")
+    if d.request_changed and not parts:
+        parts.append("the request differs but the result is the same")
+    return "differ: " + "; ".join(parts)
+
+
+def render_diff(d: SpecDiff, fmt: str = "text", names: tuple[str, str] = ("OLD", "NEW")) -> str:
+    """The report `prunespec diff` prints."""
+    if fmt == "json":
+        data = asdict(d) | {"equal": d.equal, "verdict": verdict(d)}
+        return json.dumps(data, indent=2)
+    markdown = fmt == "markdown"
+    lines = [f"{'### ' if markdown else ''}prunespec diff {names[0]} → {names[1]}", ""]
+    bullet = "- " if markdown else "  "
+    for title, items in (("layers added", d.added), ("layers removed", d.removed)):
+        if items:
+            lines += [f"{title}:", *(f"{bullet}{_code(n, markdown)}" for n in items), ""]
+    if d.changed:
+        lines.append("layers changed:")
+        for name, words in d.changed.items():
+            lines.append(f"{bullet}{_code(name, markdown)}: {'; '.join(words)}")
+        lines.append("")
+    for key, (before, after) in d.summary.items():
+        lines.append(f"{key}: {_change(before, after)}")
+    if d.summary:
+        lines.append("")
+    lines.append(f"{'**' if markdown else ''}{verdict(d)}{'**' if markdown else ''}")
+    return "\n".join(lines) + "\n"
+
+
+def _code(name: str, markdown: bool) -> str:
+    return f"`{name}`" if markdown else name
+
+
+def git_diff_arguments(paths: list[str]) -> tuple[str, str] | None:
+    """The OLD and NEW files when git runs prunespec as an external diff driver (seven arguments), else None.
+
+    Git passes ``path old-file old-hex old-mode new-file new-hex new-mode``.
+
+    >>> git_diff_arguments(["a.json", "/tmp/x", "abc", "100644", "a.json", "def", "100644"])
+    ('/tmp/x', 'a.json')
+    """
+    if len(paths) == 7 and re.fullmatch(r"[0-7]{6}|\.", paths[3]) and re.fullmatch(r"[0-7]{6}|\.", paths[6]):
+        return paths[1], paths[4]
+    return None

@@ -1,0 +1,181 @@
+"""Reviewing specs: `prunespec show`, `diff` (also as git's external diff driver and textconv) and `validate`.
+
+The counts `show` prints are checked against a really pruned torchvision model; the commands run as subprocesses,
+as users and git run them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from test_cli import REPO, TESTS, TINY, run_all, run_cli
+
+import prunespec
+from prunespec import review
+from prunespec.schemas import decode_runs
+
+
+def _runs(commands: dict[str, list], folder: Path) -> dict[str, subprocess.CompletedProcess[str]]:
+    folder.mkdir()
+    return run_all(commands, folder)
+
+
+def _tiny_spec(folder: Path, name: str, pruned_inputs) -> Path:
+    from models_for_cli import tiny_net
+
+    model = tiny_net().eval()
+    spec = prunespec.plan(model, [torch.randn(1, 3, 16, 16)], pruned_inputs=pruned_inputs)
+    spec.model = TINY
+    path = folder / f"{name}.prunespec.json"
+    spec.save(path)
+    return path
+
+
+@pytest.fixture
+def specs(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "a": _tiny_spec(tmp_path, "a", [("3.weight", c) for c in (0, 1, 2)]),
+        "a_again": _tiny_spec(tmp_path, "a_again", [("3.weight", c) for c in (0, 1, 2)]),
+        "b": _tiny_spec(tmp_path, "b", [("3.weight", c) for c in (0, 1, 2, 5)]),
+    }
+
+
+def test_show_counts_match_a_pruned_torchvision_model():
+    model = torchvision.models.resnet18(weights=None).eval()
+    request = [("layer1.0.conv2.weight", c) for c in range(0, 64, 3)] + [("layer2.0.conv1.weight", 7)]
+    spec = prunespec.plan(model, [torch.randn(1, 3, 64, 64)], pruned_inputs=request)
+    pruned = dict(prunespec.prune(torchvision.models.resnet18(weights=None).eval(), spec).named_modules())
+    rows = review.layer_rows(spec)
+    assert [r.name for r in rows] == list(spec.layers)
+    for row in rows:
+        module = pruned[row.name]
+        if isinstance(module, torch.nn.Conv2d):
+            assert row.inputs[1] == module.in_channels and row.outputs[1] == module.out_channels, row
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert row.outputs[1] == module.num_features and row.inputs is None, row
+        listed = set(spec.layers[row.name].tensors)
+        assert row.elements[1] == sum(t.numel() for n, t in module.state_dict().items() if n in listed), row
+    gathered = {r.name for r in rows if r.subselection}
+    assert gathered == {name for name, layer in spec.layers.items() if layer.input is not None}
+
+
+def test_show_prints_text_markdown_and_json(specs, tmp_path):
+    runs = _runs({fmt: ["show", specs["a"], "--format", fmt] for fmt in review.FORMATS}, tmp_path / "runs")
+    for result in runs.values():
+        assert result.returncode == 0, result.stderr
+    text, markdown = runs["text"].stdout, runs["markdown"].stdout
+    # conv 0 loses outputs 0-2 (only conv 3 read them), so it keeps 5 of 8; conv 3 reads 5 of 8.
+    assert any(line.split()[:4] == ["0", "Conv2d", "3", "8"] and "5" in line for line in text.splitlines())
+    assert "parameters:" in text and "MACs:" in text
+    assert "| 3 | Conv2d | 8 → 5 | 8 |" in markdown
+    data = json.loads(runs["json"].stdout)
+    conv3 = next(layer for layer in data["layers"] if layer["name"] == "3")
+    assert conv3["inputs"] == [8, 5] and data["summary"]["parameters_after"] < data["summary"]["parameters_before"]
+
+
+def test_diff_exit_status_and_report(specs, tmp_path):
+    runs = _runs(
+        {
+            "equal": ["diff", specs["a"], specs["a_again"]],
+            "differ": ["diff", specs["a"], specs["b"]],
+            "markdown": ["diff", specs["a"], specs["b"], "--format", "markdown"],
+            "json": ["diff", specs["a"], specs["b"], "--format", "json"],
+            "missing": ["diff", specs["a"], tmp_path / "nope.json"],
+            "one": ["diff", specs["a"]],
+        },
+        tmp_path / "runs",
+    )
+    assert runs["equal"].returncode == 0 and runs["equal"].stdout.rstrip().endswith("the same way")
+    differ = runs["differ"]
+    assert differ.returncode == 1, differ.stderr
+    # b also asks to drop input 5 of conv 3, which only conv 3 reads: conv 0 and the batch norm drop channel 5.
+    assert "0: weight axis 0 keeps 5 → 4, drops 5" in differ.stdout
+    assert differ.stdout.splitlines()[-1].startswith("differ: 3 layers changed, 0 added, 0 removed; parameters")
+    assert "- `3`:" in runs["markdown"].stdout and runs["markdown"].returncode == 1
+    data = json.loads(runs["json"].stdout)
+    assert not data["equal"] and {c["tensor"] for c in data["axes"]} >= {"weight", "bias", "running_mean"}
+    for name in ("missing", "one"):
+        assert runs[name].returncode == 2 and runs[name].stderr.startswith("error: "), runs[name].stderr
+
+
+def test_diff_reports_a_reordering_apart_from_a_change(specs):
+    old = prunespec.load_spec(specs["a"])
+    new = prunespec.load_spec(specs["a"])
+    weight = new.layers["0"].tensors["weight"]
+    kept = decode_runs(weight[0])
+    weight[0] = ",".join(str(i) for i in reversed(kept))
+    result = review.diff_specs(old, new)
+    assert [(c.tensor, c.reordered, c.dropped, c.restored) for c in result.axes] == [("weight", True, [], [])]
+    assert not result.equal
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_diff_uses_prunespec_as_driver_and_textconv(specs, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    python = f"PYTHONPATH={REPO}:{TESTS} {sys.executable} -m prunespec"
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True)
+        return done.stdout
+
+    git("init", "-q")
+    git("config", "user.email", "ci@example.com")
+    git("config", "user.name", "ci")
+    (repo / ".gitattributes").write_text("*.prunespec.json diff=prunespec\n")
+    shutil.copy(specs["a"], repo / "model.prunespec.json")
+    git("add", ".")
+    git("commit", "-qm", "spec a")
+    shutil.copy(specs["b"], repo / "model.prunespec.json")
+
+    git("config", "diff.prunespec.command", f"{python} diff")
+    driven = git("diff")
+    assert "0: weight axis 0 keeps 5 → 4, drops 5" in driven and "differ: 3 layers changed" in driven
+
+    git("config", "--unset", "diff.prunespec.command")
+    git("config", "diff.prunespec.textconv", f"{python} show")
+    converted = git("diff")
+    assert "-0" in converted and "+0" in converted and "8 → 5" in converted and "8 → 4" in converted
+
+
+def test_validate_reports_every_problem(specs, tmp_path):
+    data = json.loads(specs["a"].read_text())
+    data["summary"]["macs_after"] = "many"
+    data["layers"]["3"]["tensors"]["weight"] = [None, "2-1,x"]
+    del data["fingerprint"]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(data))
+    truncated = tmp_path / "truncated.json"
+    truncated.write_bytes(specs["a"].read_bytes()[:100])
+    runs = _runs(
+        {
+            "valid": ["validate", specs["a"]],
+            "valid_model": ["validate", specs["a"], "--model", TINY],
+            "broken": ["validate", broken],
+            "truncated": ["validate", truncated],
+            "wrong_model": ["validate", specs["a"], "--model", "models_for_cli:wider_net"],
+        },
+        tmp_path / "runs",
+    )
+    assert runs["valid"].returncode == 0 and "valid (JSON Schema)" in runs["valid"].stdout
+    assert runs["valid_model"].returncode == 0 and f"model {TINY}" in runs["valid_model"].stdout
+    broken_out = runs["broken"].stdout
+    assert runs["broken"].returncode == 1 and "error: " in runs["broken"].stderr
+    assert "summary/macs_after" in broken_out and "layers/3/tensors/weight/1" in broken_out
+    assert "'fingerprint' is a required property" in broken_out
+    assert runs["truncated"].returncode == 1 and "not a JSON file" in runs["truncated"].stdout
+    wrong = runs["wrong_model"]
+    assert wrong.returncode == 1
+    assert wrong.stdout.count("fingerprint: tensor") >= 5, wrong.stdout  # conv 0, its bias and the batch norm
+
+
+def test_validate_needs_a_model_for_weights(specs, tmp_path):
+    result = run_cli("validate", specs["a"], "--weights", tmp_path / "w.pt", cwd=tmp_path)
+    assert result.returncode == 1 and "--weights needs --model" in result.stderr
