@@ -115,9 +115,13 @@ class Layout:
                 readers[r] = readers.get(r, 0) | bit
         for first, segment in self.segments.items():
             codes = [readers.get(r, 0) for r in segment]
+            distinct = set(codes)
             # Renumber the consumers this segment involves as bits 0, 1, ...: few, so Gray ranks stay cheap.
-            involved = [ci for ci in range(max(codes).bit_length()) if any(c >> ci & 1 for c in set(codes))]
-            rank = {c: _gray_rank(sum(1 << k for k, ci in enumerate(involved) if c >> ci & 1)) for c in set(codes)}
+            every = 0
+            for c in distinct:
+                every |= c
+            involved = [ci for ci in range(every.bit_length()) if every >> ci & 1]
+            rank = {c: _gray_rank(sum(1 << k for k, ci in enumerate(involved) if c >> ci & 1)) for c in distinct}
             self.order[first] = sorted(range(len(segment)), key=lambda j: rank[codes[j]])
 
 
