@@ -199,21 +199,22 @@ class Bench:
 
     def pruned_variants(self, model, x, spec, request) -> dict[str, dict]:
         """The prunespec model and upscale's two exports for one request, with MACs and correctness."""
-        mock = prunespec.mock(model, spec)
-        with torch.no_grad():
-            want = mock(x)
         variants: dict[str, dict] = {}
 
-        def build(key, make):
+        def build(key, make, mock=prunespec.mock(model, spec)):
             try:
                 pruned = make()
                 with torch.no_grad():
-                    diff = (pruned(x) - want).abs().max().item()
+                    diff = (pruned(x) - mock(x)).abs().max().item()
                 variants[key] = {"model": pruned, "macs": common.count_macs(pruned, x), "max_abs_diff_vs_mock": diff}
             except Exception as e:  # noqa: BLE001
                 variants[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
 
         build("prunespec", lambda: prunespec.prune(copy.deepcopy(model), spec))
+        # The same request in constrained mode: more channels go, and nothing is gathered at run time.
+        tight = prunespec.plan(model, [x], pruned_inputs=request, constrained=True)
+        tight_mock = prunespec.mock(model, tight)
+        build("prunespec_constrained", lambda: prunespec.prune(copy.deepcopy(model), tight), tight_mock)
         if self.has("upscale"):
             build("upscale", lambda: _upscale_pruned(model, x, request, reorder=True))
             build("upscale_noreorder", lambda: _upscale_pruned(model, x, request, reorder=False))

@@ -85,7 +85,8 @@ def header(meta: dict) -> list[str]:
         (
             f"Times are medians over at least {meta['repeats']} runs after warm-up (`time.perf_counter`), in ms; the "
             "models of one latency row (dense, prunespec, upscale) are timed round-robin, at least 7 rounds of at "
-            "least 50 ms each at batch 1, so that a slow spell of the machine hits them alike. Each pattern picks every input channel of every consumer "
+            "least 50 ms each at batch 1, so that a slow spell of the machine hits them alike. Each pattern picks "
+            "every input channel of every consumer "
             f"(as listed by prunespec's tracer{image}) "
             "with probability p from `random.Random(0)`; all libraries get the same "
             "(parameter name, channel) list. Ratios are prunespec / peer, measured in the same run: below 1 means "
@@ -186,6 +187,17 @@ def latency(rows: list[dict]) -> list[str]:
                 "ps/upscale no-reorder", "ps speedup", "GMACs dense", "GMACs ps", "GMACs upscale", "eff ps",
                 "eff upscale", "eff upscale no-reorder", "max\\|Δ\\| ps"]  # fmt: skip
         out += table(head, body)
+        out += ["", f"The same requests in constrained mode ({device.upper()}, batch {batch}): every channel that one "
+                "consumer asks to drop goes, so no activation is gathered and the residual streams shrink too.", ""]
+        body = [
+            [r["model"], f"{r['fraction']:.0%}", ms(r["dense"]), ms(c.get("latency") or c),
+             ratio(r["dense"], c.get("latency")), f"{r['dense_macs'] / 1e9:.2f}", _gmacs(c), _eff(r, c),
+             f"{c['max_abs_diff_vs_mock']:.1e}" if "max_abs_diff_vs_mock" in c else "–"]
+            for r in group
+            if (c := r["variants"].get("prunespec_constrained")) is not None
+        ]  # fmt: skip
+        out += table(["model", "p", "dense ms", "constrained ms", "speedup", "GMACs dense", "GMACs", "eff",
+                      "max\\|Δ\\|"], body)  # fmt: skip
     return out
 
 
