@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from prunespec.applier import mock, prune
+from prunespec.applier import build_pruned, mock, prune
 from prunespec.errors import PlanError, SpecError
 from prunespec.schemas import SCHEMA_VERSION, PruningSpec, load_spec
 
@@ -28,6 +28,7 @@ __all__ = [
     "PruningManager",
     "PruningSpec",
     "SpecError",
+    "build_pruned",
     "load_spec",
     "mock",
     "plan",

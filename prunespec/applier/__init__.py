@@ -7,7 +7,7 @@ standard library, `prunespec.schemas` and `prunespec.errors`, never the planner.
 """
 
 from prunespec.applier.mock import MockPrunedModel, mock
-from prunespec.applier.prune import InputSubselection, prune
+from prunespec.applier.prune import InputSubselection, build_pruned, prune
 from prunespec.applier.rules import GENERIC, RULES, Rule, register, rule_for
 from prunespec.applier.validate import INDICES_BUFFER, LayerChange, check, describe, fingerprint
 
@@ -19,6 +19,7 @@ __all__ = [
     "LayerChange",
     "MockPrunedModel",
     "Rule",
+    "build_pruned",
     "check",
     "describe",
     "fingerprint",

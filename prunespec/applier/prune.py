@@ -43,6 +43,32 @@ def prune(model: nn.Module, spec: PruningSpec) -> nn.Module:
     return model
 
 
+def build_pruned(model: nn.Module, spec: PruningSpec) -> nn.Module:
+    """Reshape an unpruned `model` to the architecture `spec` describes, to load a pruned checkpoint into it.
+
+    This is `prune` for deployment without the original weights: build the model on the meta device, so that
+    nothing is allocated or computed, reshape it, and load the pruned state dict with ``assign=True``. The
+    activation subselections' indices are not part of a state dict, so they are made on the CPU; `.to(device)`
+    moves them with the model. No tracing, no planner.
+
+    >>> import torch
+    >>> from prunespec.schemas import LayerSpec, PruningSpec, Request, Summary
+    >>> from prunespec.applier.validate import fingerprint
+    >>> spec = PruningSpec(model="Linear", inputs=[], request=Request([], [], False, False),
+    ...     summary=Summary(15, 10, 0, 0, 0), fingerprint=fingerprint(nn.Linear(4, 3)),
+    ...     layers={"": LayerSpec("Linear", {"out_features": 2}, {"weight": ["0,2"], "bias": ["0,2"]})})
+    >>> with torch.device("meta"):
+    ...     model = nn.Linear(4, 3)
+    >>> build_pruned(model, spec).weight.shape
+    torch.Size([2, 4])
+    >>> model.load_state_dict({"weight": torch.ones(2, 4), "bias": torch.zeros(2)}, strict=True, assign=True)
+    <All keys matched successfully>
+    >>> model(torch.ones(1, 4))
+    tensor([[4., 4.]], grad_fn=<AddmmBackward0>)
+    """
+    return prune(model, spec)
+
+
 class InputSubselection:
     """A forward pre-hook that makes a consumer read only some channels of its input activation.
 

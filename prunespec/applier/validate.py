@@ -230,6 +230,10 @@ def _check_input(
             f"{where} indices: {len(kept.indices)} given but the pruned {layer.type} reads {reads} channels"
         )
     device = next(iter(tensors.values())).device if tensors else None
+    if device is not None and device.type == "meta":
+        # A model built on meta to receive a pruned checkpoint: the indices are not in the state_dict, so loading
+        # would never fill them; they must be real now.
+        device = torch.device("cpu")
     return InputGather(
         axis=rule.input_axis,
         channels=layer.input.channels,

@@ -1,0 +1,87 @@
+"""Deploying from stored files: a service with the model definition, a pruned checkpoint and the spec rebuilds the
+pruned model in a fresh process, on the meta device, without the original weights and without tracing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file
+from test_cli import REPO, run_cli
+
+import prunespec
+from invariant import random_request
+
+SERVICE = textwrap.dedent(
+    """
+    import json, sys
+    import torch, torchvision
+    from safetensors.torch import load_file
+    import prunespec
+
+    spec_path, checkpoint, inputs, outputs = sys.argv[1:]
+    with torch.device("meta"):
+        model = torchvision.models.{name}(weights=None)
+    prunespec.build_pruned(model, prunespec.load_spec(spec_path))
+    model.load_state_dict(load_file(checkpoint), strict=True, assign=True)
+    with torch.no_grad():
+        torch.save(model.eval()(torch.load(inputs)), outputs)
+    print(json.dumps(sorted(name for name in sys.modules if name.startswith("prunespec"))))
+    """
+)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_a_fresh_process_rebuilds_the_pruned_model_from_checkpoint_and_spec(name, tmp_path):
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    request, _ = random_request(model, [x], seed="deploy", fraction=0.3, side="input")
+    spec = prunespec.plan(model, [x], pruned_inputs=request)
+    assert spec.summary.subselections > 0  # the rebuilt model must also gather its activations
+    spec.model = f"torchvision:{name}"
+    spec_path = tmp_path / "model.prunespec.json"
+    spec.save(spec_path)
+    weights = tmp_path / "dense.pt"
+    torch.save(model.state_dict(), weights)
+
+    # The pruned checkpoint, written by the command line from the dense weights.
+    result = run_cli("apply", spec_path, f"torchvision:{name}", "--weights", weights, "-o", "pruned.safetensors",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    checkpoint = tmp_path / "pruned.safetensors"
+
+    # The service: a fresh process that never sees the dense weights.
+    torch.save(x, tmp_path / "x.pt")
+    (tmp_path / "service.py").write_text(SERVICE.replace("{name}", name))
+    done = subprocess.run(
+        [sys.executable, "service.py", spec_path, checkpoint, "x.pt", "y.pt"],
+        cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout.splitlines()[-1])
+    assert "prunespec.planner" not in loaded and "prunespec.applier" in loaded
+
+    # The same as pruning the dense model in place here, bit for bit, and as its mock up to summation order.
+    pruned = prunespec.prune(getattr(torchvision.models, name)(weights=None).eval(), spec)
+    pruned.load_state_dict(load_file(checkpoint), strict=True)
+    with torch.no_grad():
+        expected = pruned(x)
+        assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+        assert torch.allclose(expected, prunespec.mock(model, spec)(x), atol=1e-4, rtol=1e-4)
+
+
+def test_build_pruned_refuses_a_spec_of_another_model_and_leaves_it_alone():
+    model = torchvision.models.resnet18(weights=None).eval()
+    spec = prunespec.plan(model, [torch.randn(1, 3, 32, 32)], pruned_inputs=[("layer1.0.conv2.weight", 3)])
+    with torch.device("meta"):
+        other = torchvision.models.resnet34(weights=None)
+    shapes = {k: v.shape for k, v in other.state_dict().items()}
+    with pytest.raises(prunespec.SpecError, match="fingerprint"):
+        prunespec.build_pruned(other, spec)
+    assert {k: v.shape for k, v in other.state_dict().items()} == shapes
