@@ -254,6 +254,28 @@ def apply_command(
         typer.echo(f"wrote {output} ({'mock' if mock else 'pruned'} model)")
 
 
+@app.command("apply-checkpoint")
+def apply_checkpoint_command(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="A spec written by 'prunespec plan'.")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="IN", help="The unpruned checkpoint (.safetensors).")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", metavar="OUT", help="The pruned checkpoint (.safetensors).")
+    ],
+) -> None:
+    """Prune a safetensors checkpoint directly, one tensor at a time, without building the model."""
+    with _reporting_errors():
+        for path, role in ((checkpoint, "IN"), (output, "-o")):
+            if path.suffix.lower() != ".safetensors":
+                raise CliError(f"{role} {str(path)!r}: apply-checkpoint reads and writes .safetensors files")
+        _check_output_folder(output)
+        if not checkpoint.is_file():
+            raise CliError(f"checkpoint {str(checkpoint)!r} does not exist")
+        from prunespec.applier.checkpoint import prune_checkpoint
+
+        prune_checkpoint(prunespec.load_spec(spec_path), checkpoint, output)
+        typer.echo(f"wrote {output} (pruned checkpoint)")
+
+
 SpecArgument = Annotated[Path, typer.Argument(metavar="SPEC", help="A spec written by 'prunespec plan'.")]
 FormatOption = Annotated[str, typer.Option("--format", "-f", metavar="FORMAT", help="text, markdown or json.")]
 

@@ -85,3 +85,33 @@ def test_build_pruned_refuses_a_spec_of_another_model_and_leaves_it_alone():
     with pytest.raises(prunespec.SpecError, match="fingerprint"):
         prunespec.build_pruned(other, spec)
     assert {k: v.shape for k, v in other.state_dict().items()} == shapes
+
+
+def test_apply_checkpoint_prunes_a_safetensors_file_without_the_model(tmp_path):
+    from safetensors.torch import save_file
+
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 32, 32)
+    request, _ = random_request(model, [x], seed="checkpoint", fraction=0.3, side="input")
+    spec = prunespec.plan(model, [x], pruned_inputs=request)
+    spec.save(tmp_path / "spec.json")
+    save_file(model.state_dict(), tmp_path / "dense.safetensors")
+    wrong = torchvision.models.resnet34(weights=None).state_dict()
+    save_file(wrong, tmp_path / "other.safetensors")
+
+    ok = run_cli("apply-checkpoint", "spec.json", "dense.safetensors", "-o", "pruned.safetensors", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    refused = run_cli("apply-checkpoint", "spec.json", "other.safetensors", "-o", "bad.safetensors", cwd=tmp_path)
+    assert refused.returncode == 1 and "fingerprint" in refused.stderr and "the checkpoint" in refused.stderr
+    (tmp_path / "truncated.safetensors").write_bytes((tmp_path / "dense.safetensors").read_bytes()[:5000])
+    cut = run_cli("apply-checkpoint", "spec.json", "truncated.safetensors", "-o", "bad.safetensors", cwd=tmp_path)
+    assert cut.returncode == 1 and "not a safetensors file" in cut.stderr, cut.stderr
+    assert len(cut.stderr.splitlines()) == 1 and len(refused.stderr.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.safetensors", "other.safetensors",
+                                                          "pruned.safetensors", "spec.json", "truncated.safetensors"]
+
+    expected = prunespec.prune(model, spec).state_dict()
+    written = load_file(tmp_path / "pruned.safetensors")
+    assert sorted(written) == sorted(expected)  # safetensors files keep no order
+    for key, tensor in expected.items():
+        assert torch.equal(written[key], tensor), key

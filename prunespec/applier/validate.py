@@ -8,7 +8,7 @@ not fit raises `SpecError` here and the model stays exactly as it was. Every mes
 
 Applying a spec should cost little more than copying the kept weights, so the index runs of all fields are decoded
 together up front (`_Decoder`, `_decode_together`), and each new tensor is made with one gather per pruned axis
-(`_select`). `decode_kept` is the plain one-field decoder that finds and words every problem.
+(`select_kept`). `decode_kept` is the plain one-field decoder that finds and words every problem.
 """
 
 from __future__ import annotations
@@ -128,22 +128,26 @@ def fingerprint_problems(model: nn.Module, expected: dict[str, str]) -> list[str
     fingerprint: the spec expects tensor 'extra' (float32[2])
     fingerprint: the model has tensor 'bias' (float32[2]) that the spec does not list
     """
-    actual = fingerprint(model)
+    return compare_fingerprints(fingerprint(model), expected)
+
+
+def compare_fingerprints(actual: dict[str, str], expected: dict[str, str], holder: str = "the model") -> list[str]:
+    """`fingerprint_problems` for any name -> 'dtype[shape]' mapping: a model's, or a checkpoint file's."""
     found = []
     for key, want in expected.items():
         have = actual.get(key)
         if have is None:
             found.append(
-                f"fingerprint: the spec expects tensor {key!r} ({want}) but the model has none; {nearest(key, actual)}"
+                f"fingerprint: the spec expects tensor {key!r} ({want}) but {holder} has none; {nearest(key, actual)}"
             )
         elif have != want:
             found.append(
-                f"fingerprint: tensor {key!r} is {want} in the spec but {have} in the model "
+                f"fingerprint: tensor {key!r} is {want} in the spec but {have} in {holder} "
                 "(was the spec planned for another model, or applied already?)"
             )
     for key, have in actual.items():
         if key not in expected:
-            found.append(f"fingerprint: the model has tensor {key!r} ({have}) that the spec does not list")
+            found.append(f"fingerprint: {holder} has tensor {key!r} ({have}) that the spec does not list")
     return found
 
 
@@ -192,7 +196,7 @@ def _check_layer(name: str, layer: LayerSpec, modules: dict[str, nn.Module], dec
             for axis, runs in enumerate(axes)
         ]
         change.kept[tensor_name] = [None if k is None else k.indices for k in kept]
-        selected = _select(tensor, kept)
+        selected = select_kept(tensor, kept)
         if selected is not tensor:
             tensors[tensor_name] = change.tensors[tensor_name] = selected
 
@@ -404,7 +408,7 @@ def _decode_together(fields: list[tuple[str, int]]) -> list[Kept] | None:
     ]
 
 
-def _select(tensor: torch.Tensor, kept: list[Kept | None]) -> torch.Tensor:
+def select_kept(tensor: torch.Tensor, kept: list[Kept | None]) -> torch.Tensor:
     """`tensor` with only the kept entries along each axis, as a new contiguous tensor; `tensor` itself when every
     listed axis keeps all of its entries in order.
 
@@ -414,9 +418,9 @@ def _select(tensor: torch.Tensor, kept: list[Kept | None]) -> torch.Tensor:
     model must not pin the storage of the old tensor.
 
     >>> t = torch.arange(12).view(3, 4)
-    >>> _select(t, [decode_kept("2,0", 3, ""), decode_kept("1-2", 4, "")]).tolist()
+    >>> select_kept(t, [decode_kept("2,0", 3, ""), decode_kept("1-2", 4, "")]).tolist()
     [[9, 10], [1, 2]]
-    >>> _select(t, [None, decode_kept("0-3", 4, "")]) is t
+    >>> select_kept(t, [None, decode_kept("0-3", 4, "")]) is t
     True
     """
     changed = [(axis, k) for axis, k in enumerate(kept) if k is not None and not k.is_identity(tensor.shape[axis])]
