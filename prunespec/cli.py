@@ -1,6 +1,8 @@
-"""The `prunespec` command line: `plan` writes a spec, `apply` turns a spec and a model into a pruned artifact.
+"""The `prunespec` command line: `plan` writes a spec, `apply` turns a spec and a model into a pruned artifact,
+`apply-checkpoint` prunes a checkpoint file without the model, and `show`, `diff` and `validate` review specs.
 
-Start reading at the commands `plan_command` and `apply_command`; `main` is the entry point. Argument parsing for
+Start reading at the commands `plan_command` and `apply_command`; `main` is the entry point. The review commands
+are thin wrappers around `prunespec.review`. Argument parsing for
 shapes and channel lists lives in small plain functions (`parse_shape`, `parse_channel_request`) with examples.
 
 Every expected failure (a bad spec, a bad request, a model that cannot be built, a missing file) is printed as one
