@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 import textwrap
@@ -112,7 +113,7 @@ class _LooksAtValues(torch.nn.Module):
 
 def test_data_dependent_models_fall_back_to_a_real_trace(tmp_path, monkeypatch):
     from invariant import assert_invariant
-    tracing = sys.modules["prunespec.planner.trace"]
+    tracing = importlib.import_module("prunespec.planner.trace")  # the module, not the function of that name
 
     runs = []
     real_trace = tracing._trace
@@ -123,3 +124,30 @@ def test_data_dependent_models_fall_back_to_a_real_trace(tmp_path, monkeypatch):
     _, pruned, _ = assert_invariant(model, x, tmp_path, pruned_inputs=[("b.weight", 4)])
     assert pruned.a.out_channels == 5
     assert runs[:3] == ["meta", "fake", "real"]
+
+
+class _MakesACpuTensor(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 6, 1)
+        self.b = torch.nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        # A tensor made in forward on the CPU: meta activations cannot be combined with it, fake ones can.
+        offset = torch.linspace(0, 1, x.shape[-1], dtype=x.dtype)
+        return self.b(self.a(x) + offset)
+
+
+def test_models_that_make_cpu_tensors_fall_back_to_fake_tensors(tmp_path, monkeypatch):
+    from invariant import assert_invariant
+    tracing = importlib.import_module("prunespec.planner.trace")  # the module, not the function of that name
+
+    runs = []
+    real_trace = tracing._trace
+    monkeypatch.setattr(tracing, "_trace", lambda model, inputs, run: runs.append(run) or real_trace(model, inputs, run))
+
+    model = _MakesACpuTensor().double().eval()
+    x = [torch.randn(2, 3, 4, 4, dtype=torch.float64)]
+    _, pruned, _ = assert_invariant(model, x, tmp_path, pruned_inputs=[("b.weight", 4)])
+    assert pruned.a.out_channels == 5
+    assert runs[:2] == ["meta", "fake"]
