@@ -111,19 +111,22 @@ class _LooksAtValues(torch.nn.Module):
         return self.b(y)
 
 
-def test_data_dependent_models_fall_back_to_a_real_trace(tmp_path, monkeypatch):
+def _runs_when_planned(model: torch.nn.Module, tmp_path, monkeypatch) -> list[str]:
+    """Plan `model` (a conv feeding a conv) with the invariant checked, and return the tracing runs it took."""
     from invariant import assert_invariant
-    tracing = importlib.import_module("prunespec.planner.trace")  # the module, not the function of that name
 
+    tracing = importlib.import_module("prunespec.planner.trace")  # the module, not the function of that name
     runs = []
     real_trace = tracing._trace
     monkeypatch.setattr(tracing, "_trace", lambda model, inputs, run: runs.append(run) or real_trace(model, inputs, run))
-
-    model = _LooksAtValues().double().eval()
     x = [torch.randn(2, 3, 4, 4, dtype=torch.float64)]
-    _, pruned, _ = assert_invariant(model, x, tmp_path, pruned_inputs=[("b.weight", 4)])
+    _, pruned, _ = assert_invariant(model.double().eval(), x, tmp_path, pruned_inputs=[("b.weight", 4)])
     assert pruned.a.out_channels == 5
-    assert runs[:3] == ["meta", "fake", "real"]
+    return runs
+
+
+def test_data_dependent_models_fall_back_to_a_real_trace(tmp_path, monkeypatch):
+    assert _runs_when_planned(_LooksAtValues(), tmp_path, monkeypatch)[:3] == ["meta", "fake", "real"]
 
 
 class _MakesACpuTensor(torch.nn.Module):
@@ -139,15 +142,4 @@ class _MakesACpuTensor(torch.nn.Module):
 
 
 def test_models_that_make_cpu_tensors_fall_back_to_fake_tensors(tmp_path, monkeypatch):
-    from invariant import assert_invariant
-    tracing = importlib.import_module("prunespec.planner.trace")  # the module, not the function of that name
-
-    runs = []
-    real_trace = tracing._trace
-    monkeypatch.setattr(tracing, "_trace", lambda model, inputs, run: runs.append(run) or real_trace(model, inputs, run))
-
-    model = _MakesACpuTensor().double().eval()
-    x = [torch.randn(2, 3, 4, 4, dtype=torch.float64)]
-    _, pruned, _ = assert_invariant(model, x, tmp_path, pruned_inputs=[("b.weight", 4)])
-    assert pruned.a.out_channels == 5
-    assert runs[:2] == ["meta", "fake"]
+    assert _runs_when_planned(_MakesACpuTensor(), tmp_path, monkeypatch)[:2] == ["meta", "fake"]
