@@ -200,8 +200,9 @@ class Bench:
     def pruned_variants(self, model, x, spec, request) -> dict[str, dict]:
         """The prunespec model and upscale's two exports for one request, with MACs and correctness."""
         variants: dict[str, dict] = {}
+        spec_mock = prunespec.mock(model, spec)
 
-        def build(key, make, mock=prunespec.mock(model, spec)):
+        def build(key, make, mock=spec_mock):
             try:
                 pruned = make()
                 with torch.no_grad():

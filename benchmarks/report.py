@@ -187,8 +187,9 @@ def latency(rows: list[dict]) -> list[str]:
                 "ps/upscale no-reorder", "ps speedup", "GMACs dense", "GMACs ps", "GMACs upscale", "eff ps",
                 "eff upscale", "eff upscale no-reorder", "max\\|Δ\\| ps"]  # fmt: skip
         out += table(head, body)
-        out += ["", f"The same requests in constrained mode ({device.upper()}, batch {batch}): every channel that one "
-                "consumer asks to drop goes, so no activation is gathered and the residual streams shrink too.", ""]
+        out += ["", (f"The same requests in constrained mode ({device.upper()}, batch {batch}): every channel that "
+                     "one consumer asks to drop goes, so no activation is gathered and the residual streams shrink "
+                     "too."), ""]  # fmt: skip
         body = [
             [r["model"], f"{r['fraction']:.0%}", ms(r["dense"]), ms(c.get("latency") or c),
              ratio(r["dense"], c.get("latency")), f"{r['dense_macs'] / 1e9:.2f}", _gmacs(c), _eff(r, c),

@@ -85,23 +85,21 @@ def layer_rows(spec: PruningSpec) -> list[LayerRow]:
         in_axis, out_axis = _channel_axes(layer)
         weight_shape = _shape(spec, _join(name, "weight"))
         weight_axes = layer.tensors.get("weight", [])
-
-        def channels(axis: int | None) -> tuple[int, int] | None:
-            if axis is None or weight_shape is None or axis >= len(weight_shape):
-                return None
-            size = weight_shape[axis]
-            return size, _kept_count(weight_axes[axis] if axis < len(weight_axes) else None, size)
-
+        inputs, outputs = (_channels(weight_shape, weight_axes, axis) for axis in (in_axis, out_axis))
         subselection = ""
         if layer.input is not None:
             indices = decode_runs(layer.input.indices)
             contiguous = indices == list(range(indices[0], indices[0] + len(indices))) if indices else True
             subselection = "slice" if contiguous else "gather"
-        rows.append(
-            LayerRow(name, layer.type, channels(in_axis), channels(out_axis), (elements_before, elements_after),
-                     subselection)  # fmt: skip
-        )
+        rows.append(LayerRow(name, layer.type, inputs, outputs, (elements_before, elements_after), subselection))
     return rows
+
+
+def _channels(shape: list[int] | None, axes: list[str | None], axis: int | None) -> tuple[int, int] | None:
+    """Channels before and after along one axis of a weight of `shape` whose kept runs per axis are `axes`."""
+    if axis is None or shape is None or axis >= len(shape):
+        return None
+    return shape[axis], _kept_count(axes[axis] if axis < len(axes) else None, shape[axis])
 
 
 def _arrow(pair: tuple[int, int] | None) -> str:
@@ -166,8 +164,10 @@ def render_show(spec: PruningSpec, fmt: str = "text") -> str:
         "",
         f"parameters: {_change(s.parameters_before, s.parameters_after)}",
         f"MACs:       {_change(s.macs_before, s.macs_after)}",
-        f"layers touched: {len(rows)}; activation subselections: {s.subselections} ({slices} slices, {gathers} "
-        "gathers: a gather copies the activation at run time)",
+        (
+            f"layers touched: {len(rows)}; activation subselections: {s.subselections} ({slices} slices, {gathers} "
+            "gathers: a gather copies the activation at run time)"
+        ),
     ]
     if spec.kept:
         lines += ["", f"kept {len(spec.kept)} requested group(s) of channels:"]

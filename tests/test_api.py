@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import prunespec
 from invariant import random_request
 from nets import build
+
+import prunespec
 
 
 def test_applying_a_stored_spec_never_loads_the_planner(tmp_path):
@@ -129,12 +129,7 @@ def test_data_dependent_models_fall_back_to_a_real_trace(tmp_path, monkeypatch):
     assert _runs_when_planned(_LooksAtValues(), tmp_path, monkeypatch)[:3] == ["meta", "fake", "real"]
 
 
-class _MakesACpuTensor(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Conv2d(3, 6, 1)
-        self.b = torch.nn.Conv2d(6, 2, 1)
-
+class _MakesACpuTensor(_LooksAtValues):
     def forward(self, x):
         # A tensor made in forward on the CPU: meta activations cannot be combined with it, fake ones can.
         offset = torch.linspace(0, 1, x.shape[-1], dtype=x.dtype)
