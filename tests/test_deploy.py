@@ -115,3 +115,32 @@ def test_apply_checkpoint_prunes_a_safetensors_file_without_the_model(tmp_path):
     assert sorted(written) == sorted(expected)  # safetensors files keep no order
     for key, tensor in expected.items():
         assert torch.equal(written[key], tensor), key
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["offset written as a float", "offset past the end", "unknown dtype", "header not JSON"],
+)
+def test_apply_checkpoint_refuses_a_damaged_header_and_writes_nothing(damage, tmp_path):
+    from safetensors.torch import save_file
+
+    from prunespec.applier.checkpoint import prune_checkpoint
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 2, 1))
+    spec = prunespec.plan(model, [torch.randn(1, 3, 4, 4)], pruned_inputs=[("1.weight", 1)])
+    save_file(model.state_dict(), tmp_path / "dense.safetensors")
+    raw = (tmp_path / "dense.safetensors").read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    entry = header["0.bias"]
+    if damage == "offset written as a float":
+        entry["data_offsets"][0] = float(entry["data_offsets"][0])  # 0.0: equal, but no file offset
+    elif damage == "offset past the end":
+        entry["data_offsets"][1] += 10**9
+    elif damage == "unknown dtype":
+        entry["dtype"] = "F128"
+    encoded = b"{not json" if damage == "header not JSON" else json.dumps(header).encode()
+    (tmp_path / "bad.safetensors").write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + length :])
+    with pytest.raises(prunespec.SpecError, match="bad.safetensors: .*(not a valid safetensors entry|not JSON)"):
+        prune_checkpoint(spec, tmp_path / "bad.safetensors", tmp_path / "out.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "dense.safetensors"]

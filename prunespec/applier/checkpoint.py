@@ -86,7 +86,11 @@ def _read_header(reader, source: str) -> tuple[dict[str, dict], int]:
             continue
         try:
             dtype, shape, (start, end) = _DTYPES[info["dtype"]], [int(n) for n in info["shape"]], info["data_offsets"]
-            fits = 0 <= start <= end <= size - 8 - length and end - start == math.prod(shape) * dtype.itemsize
+            fits = (
+                type(start) is int and type(end) is int  # JSON numbers with a fraction would pass the comparisons
+                and 0 <= start <= end <= size - 8 - length
+                and end - start == math.prod(shape) * dtype.itemsize
+            )
         except (KeyError, TypeError, ValueError):
             fits = False
         if not fits:
