@@ -165,7 +165,7 @@ class Bench:
     # ------------------------------------------------------------------------------------------ 3. latency
 
     def latency(self) -> tuple[list[dict], list[dict]]:
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        devices = self.args.devices
         rows, exports = [], []
         for name in self.args.models:
             model = common.build_model(name)
@@ -367,6 +367,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--image-channels", action="store_true", help="also request channels of the model input (upscale refuses)"
     )
+    parser.add_argument(
+        "--devices", nargs="+", choices=["cpu", "cuda"], help="devices of the latency tables (default: cpu, and cuda if present)"
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench.json")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
@@ -378,6 +381,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.fractions = args.fractions or quick.get("fractions", list(common.FRACTIONS))
     if args.scaling_models is None:
         args.scaling_models = quick.get("scaling_models", SCALING_MODELS)
+    args.devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     args.resolutions = quick.get("resolutions", RESOLUTIONS)
     args.batches = quick.get("batches", BATCHES)
     return args
