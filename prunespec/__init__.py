@@ -33,6 +33,7 @@ __all__ = [
     "mock",
     "plan",
     "prune",
+    "select",
 ]
 
 
@@ -54,6 +55,16 @@ def plan(
         reorder=reorder,
         strict=strict,
     )
+
+
+def select(model, example_inputs, criterion="l2", amount=0.3, side="input", scope="local", **options):
+    """Choose the least important channels by `criterion`; returns ``(pruned_inputs, pruned_outputs)`` for `plan`.
+
+    See `prunespec.planner.select.select` for the arguments. The model's weights are left as they were.
+    """
+    from prunespec.planner.select import select as _select
+
+    return _select(model, example_inputs, criterion=criterion, amount=amount, side=side, scope=scope, **options)
 
 
 def __getattr__(name: str) -> Any:

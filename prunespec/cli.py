@@ -27,7 +27,7 @@ from torch import nn
 import prunespec
 from prunespec import review
 from prunespec.errors import PlanError, SpecError
-from prunespec.models import ModelError, load_model
+from prunespec.models import ModelError, load_model, read_calibration
 from prunespec.schemas import atomic_path
 
 DEFAULT_SHAPE = "1x3x224x224"
@@ -136,12 +136,15 @@ def _requests(texts: list[str] | None, option: str) -> list[tuple[str, int]]:
 
 
 # Arguments that `plan` and `apply` share.
-ModelArgument = Annotated[
-    str, typer.Argument(metavar="MODEL", help="'torchvision:NAME' or 'package.module:callable'.")
-]
+ModelArgument = Annotated[str, typer.Argument(metavar="MODEL", help="'torchvision:NAME' or 'package.module:callable'.")]
 WeightsOption = Annotated[
     Optional[Path], typer.Option("--weights", metavar="CKPT", help="State dict to load (.pt, .pth or .safetensors).")
 ]
+
+
+def _choosing(*names: str, **options):
+    """An option of `plan` that steers the importance criterion; `plan --help` lists them together."""
+    return typer.Option(*names, rich_help_panel="Choosing channels", **options)
 
 
 @app.command("plan")
@@ -178,20 +181,109 @@ def plan_command(
     strict: Annotated[
         bool, typer.Option("--strict", help="Fail instead of keeping requested channels the planner cannot remove.")
     ] = False,
+    criterion: Annotated[
+        Optional[str],
+        _choosing(
+            "--criterion",
+            metavar="l1|l2|lamp|fpgm|hrank|random",
+            help="Choose the channels to prune by this importance criterion (with --amount or a --target-*).",
+        ),
+    ] = None,
+    amount: Annotated[
+        Optional[float],
+        _choosing("--amount", metavar="F", help="Fraction of channels to prune, e.g. 0.3."),
+    ] = None,
+    side: Annotated[
+        str,
+        _choosing(
+            "--side",
+            metavar="input|output",
+            help="input: choose per consumer (suits unconstrained); output: per segment of producers (suits "
+            "--constrained).",
+        ),
+    ] = "input",
+    scope: Annotated[
+        str,
+        _choosing(
+            "--scope",
+            metavar="local|global",
+            help="local: prune the amount in every layer; global: rank channels across layers.",
+        ),
+    ] = "local",
+    round_to: Annotated[
+        int,
+        _choosing(
+            "--round-to", metavar="N", help="Keep channel counts at multiples of N (hardware runs such shapes faster)."
+        ),
+    ] = 1,
+    exclude: Annotated[
+        Optional[list[str]],
+        _choosing(
+            "--exclude", metavar="GLOB", help="Leave layers whose weight or module name matches untouched; repeatable."
+        ),
+    ] = None,
+    include_io: Annotated[
+        bool,
+        _choosing("--include-io", help="Also choose in layers that read the model input or write its output."),
+    ] = False,
+    target_macs: Annotated[
+        Optional[float],
+        _choosing(
+            "--target-macs", metavar="F", help="Search the amount that keeps this fraction of the dense MACs, e.g. 0.5."
+        ),
+    ] = None,
+    target_params: Annotated[
+        Optional[float],
+        _choosing(
+            "--target-params", metavar="F", help="Search the amount that keeps this fraction of the dense parameters."
+        ),
+    ] = None,
+    calibration: Annotated[
+        Optional[Path],
+        _choosing(
+            "--calibration",
+            metavar="FILE",
+            help="Input batches for hrank (.pt or .safetensors); default: the random example input.",
+        ),
+    ] = None,
+    zeroed: Annotated[
+        bool,
+        _choosing("--zeroed", help="Also prune channels whose weights are all zero."),
+    ] = False,
+    seed: Annotated[int, _choosing("--seed", help="Seed of --criterion random.")] = 0,
 ) -> None:
-    """Trace MODEL and write a pruning spec. Without --prune-input/--prune-output, prunes all-zero channels."""
+    """Trace MODEL and write a pruning spec.
+
+    Name channels with --prune-input/--prune-output, let a --criterion choose them, or both. With neither, the
+    channels whose weights are all zero are pruned.
+    """
     with _reporting_errors():
         shapes = [parse_shape(s) for s in input_shape or [DEFAULT_SHAPE]]
         pruned_inputs = _requests(prune_input, "--prune-input")
         pruned_outputs = _requests(prune_output, "--prune-output")
+        choosing = _choosing_options(criterion, amount, target_macs, target_params, calibration)
         _check_output_folder(output)
 
         network = load_model(model, weights)
         generator = torch.Generator().manual_seed(0)
         inputs = [torch.randn(shape, generator=generator) for shape in shapes]
 
+        notes: list[str] = []
+        if choosing:
+            batches = read_calibration(calibration) if calibration else None
+            selection = prunespec.select(
+                network, inputs, criterion=criterion, amount=amount, side=side, scope=scope, round_to=round_to,
+                exclude=exclude or (), include_io=include_io, zeroed=zeroed, target_macs=target_macs,
+                target_params=target_params, constrained=constrained, reorder=reorder, calibration=batches,
+                progress=_progress_bar("hrank feature maps") if criterion == "hrank" else None, seed=seed,
+            )  # fmt: skip
+            pruned_inputs = list(dict.fromkeys([*pruned_inputs, *selection.pruned_inputs]))
+            pruned_outputs = list(dict.fromkeys([*pruned_outputs, *selection.pruned_outputs]))
+            notes = selection.notes
+        elif zeroed:
+            raise CliError("--zeroed adds all-zero channels to a --criterion choice; without one, name no channels")
         # No channels named (both None): the planner looks for weight channels that training already zeroed out.
-        named = bool(pruned_inputs or pruned_outputs)
+        named = bool(pruned_inputs or pruned_outputs or choosing)
         spec = prunespec.plan(
             network,
             inputs,
@@ -204,6 +296,34 @@ def plan_command(
         spec.model = model
         spec.save(output)
         typer.echo(describe_plan(spec, output))
+        if choosing:
+            typer.echo(describe_selection(criterion, side, scope, notes, spec, round_to))
+
+
+def _choosing_options(criterion, amount, target_macs, target_params, calibration) -> bool:
+    """Whether a criterion chooses channels; fails on options that make no sense without one or together."""
+    if criterion is None:
+        given = [name for name, value in (("--amount", amount), ("--target-macs", target_macs),
+                 ("--target-params", target_params), ("--calibration", calibration)) if value is not None]  # fmt: skip
+        if given:
+            raise CliError(f"{given[0]} needs --criterion (one of l1, l2, lamp, fpgm, hrank, random)")
+        return False
+    targets = [t for t in (target_macs, target_params) if t is not None]
+    if amount is None and not targets:
+        raise CliError("--criterion needs --amount F (a fraction such as 0.3) or --target-macs F / --target-params F")
+    if amount is not None and targets:
+        raise CliError("give --amount or a --target-macs/--target-params budget, not both")
+    if calibration is not None and criterion != "hrank":
+        raise CliError(f"--calibration feeds feature maps to --criterion hrank; {criterion} reads only weights")
+    return True
+
+
+def _progress_bar(label: str):
+    def wrap(batches: list):
+        with typer.progressbar(batches, label=label, file=sys.stderr) as bar:
+            yield from bar
+
+    return wrap
 
 
 @app.command("apply")
@@ -524,6 +644,19 @@ def describe_plan(spec: prunespec.PruningSpec, output: Path) -> str:
     if spec.kept:
         lines.append(f"  kept {len(spec.kept)} requested group(s) of channels:")
         lines.extend(f"    {k.tensor} {k.side} channels {k.channels} kept: {k.reason}" for k in spec.kept)
+    return "\n".join(lines)
+
+
+def describe_selection(criterion: str, side: str, scope: str, notes: list[str], spec, round_to: int) -> str:
+    """What the criterion chose and left out, and where channel counts missed --round-to."""
+    from prunespec.planner.select import rounding_misses
+
+    lines = [f"  chosen by {criterion}, {side} side, {scope} scope"]
+    lines += [f"  {note}" for note in notes]
+    misses = rounding_misses(spec, round_to)
+    if misses:
+        shown = ", ".join(misses[:6]) + (f" (and {len(misses) - 6} more)" if len(misses) > 6 else "")
+        lines.append(f"  {len(misses)} weight axes are not multiples of {round_to} (the mode decides them): {shown}")
     return "\n".join(lines)
 
 

@@ -121,11 +121,43 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a state_dict without running pickled code; unwrap {'state_dict': ...} or {'model': ...} checkpoints."""
-    if path.suffix not in WEIGHT_SUFFIXES:
-        raise ModelError(f"weights {str(path)!r}: unknown file type; use one of {', '.join(WEIGHT_SUFFIXES)}")
-    if not path.is_file():
-        raise ModelError(f"weights file {str(path)!r} does not exist")
+    what = f"weights {str(path)!r}"
+    loaded = _read_tensors(Path(path), what, "as a plain state_dict")
+    state = _unwrap(loaded)
+    if state is None:
+        raise ModelError(
+            f"{what} hold a {type(loaded).__name__}, not a state_dict "
+            "(a dict of tensors, or a dict with a 'state_dict' or 'model' entry)"
+        )
+    return dict(state)
 
+
+CALIBRATION_BATCH = 32
+
+
+def read_calibration(path: str | os.PathLike) -> list[torch.Tensor]:
+    """Input batches for feature-map criteria, read without running pickled code.
+
+    A `.pt`/`.pth` file holds one tensor of inputs stacked along dim 0 (run in batches of 32) or a list of batches;
+    in a `.safetensors` file every tensor is one batch, in the order of their names.
+    """
+    what = f"calibration file {str(path)!r}"
+    loaded = _read_tensors(Path(path), what, "as plain tensors")
+    if isinstance(loaded, dict):  # safetensors
+        loaded = [loaded[k] for k in sorted(loaded)]
+    if isinstance(loaded, torch.Tensor):
+        loaded = list(loaded.split(CALIBRATION_BATCH)) if loaded.ndim else []
+    if not isinstance(loaded, (list, tuple)) or not loaded or not all(isinstance(t, torch.Tensor) for t in loaded):
+        raise ModelError(f"{what} must hold a tensor of inputs or a non-empty list of input batches (tensors)")
+    return list(loaded)
+
+
+def _read_tensors(path: Path, what: str, plain: str) -> Any:
+    """A `.safetensors` file as a dict, or what a `.pt`/`.pth` file holds, loaded with ``weights_only=True``."""
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise ModelError(f"{what}: unknown file type; use one of {', '.join(WEIGHT_SUFFIXES)}")
+    if not path.is_file():
+        raise ModelError(f"{what} does not exist")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -133,22 +165,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as e:
-            raise ModelError(f"cannot read weights {str(path)!r}: {_first_line(e)}") from e
-
+            raise ModelError(f"cannot read {what}: {_first_line(e)}") from e
     try:
-        loaded = torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
         # weights_only refuses pickles with arbitrary objects; say so rather than fall back to unsafe loading.
-        raise ModelError(
-            f"cannot read weights {str(path)!r} as a plain state_dict (loaded with weights_only=True): {_first_line(e)}"
-        ) from e
-    state = _unwrap(loaded)
-    if state is None:
-        raise ModelError(
-            f"weights {str(path)!r} hold a {type(loaded).__name__}, not a state_dict "
-            "(a dict of tensors, or a dict with a 'state_dict' or 'model' entry)"
-        )
-    return dict(state)
+        raise ModelError(f"cannot read {what} {plain} (loaded with weights_only=True): {_first_line(e)}") from e
 
 
 def _unwrap(loaded: Any) -> Mapping[str, Any] | None:

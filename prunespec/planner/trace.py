@@ -27,6 +27,7 @@ from prunespec.planner import ops
 from prunespec.planner.graph import ChannelGraph, ChannelMap, SplitMap
 
 OUTPUT = "reaches the model output"
+UNLABELLED = "comes from a model input or a tensor made in forward"
 
 # Normalisations and activations return a tensor of their input's shape and dtype. On the meta device most of
 # their kernels are Python decompositions costing from a tenth of a millisecond to several a call (most of a meta
@@ -107,7 +108,7 @@ class Tracer(TorchFunctionMode):
         entry = self._why.get(id(t))
         if entry is not None and entry[0] is t:
             return entry[1]
-        return "comes from a model input or a tensor made in forward"
+        return UNLABELLED
 
     def why_no_gather(self, weight: str, x: torch.Tensor) -> str | None:
         """Why a consumer of `weight` reading `x` could not gather its input, or None if it can.

@@ -1,0 +1,455 @@
+"""Select: choose which channels to prune by an importance criterion and an amount, as a request for `plan`.
+
+Start with `select`. It traces the model once, as `plan` does, and lists *groups* of candidate channels:
+
+- side ``"input"``: one group per consumer, its input channels. The choice is per consumer, which is what
+  unconstrained export removes exactly;
+- side ``"output"``: one group per *segment*, the producers whose output channels must agree (a residual stream,
+  the producers of a concatenation's inputs). A candidate is one channel of the segment, standing for that channel
+  in every producer of the segment, so constrained export removes exactly what was chosen.
+
+Each candidate gets a score from a criterion in `criteria.CRITERIA` (for a segment, the sum over its producers);
+`Choice.pick` then takes the lowest `amount` of each group (scope ``"local"``) or of all groups together, after
+rescaling each group's scores (scope ``"global"``). Nothing here changes the model.
+
+Layers that read the model input or write its output are left out unless `include_io`; so are a layer matched by
+an `exclude` pattern and, on the output side, every segment that holds such a layer, because its channels cannot
+go without that layer's. The notes of the returned `Selection` list what was left out and why.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from prunespec.errors import PlanError, nearest
+from prunespec.planner.criteria import CRITERIA, feature_ranks, rows
+from prunespec.planner.graph import ChannelGraph
+from prunespec.planner.trace import OUTPUT, UNLABELLED, trace
+from prunespec.schemas import PruningSpec, parse_runs
+
+Pairs = list[tuple[str, int]]
+SIDES = ("input", "output")
+SCOPES = ("local", "global")
+TARGET_TOLERANCE = 0.01  # a searched budget counts as reached within 1% of it
+
+
+@dataclass
+class Group:
+    """Candidate channels that are chosen among together: one consumer's inputs, or one segment's outputs."""
+
+    name: str  # the consumer's weight, or the segment's first producer weight
+    axes: dict[str, int]  # every weight whose channels these are -> its channel axis
+    candidates: list[Pairs]  # per candidate: the (weight, channel) pairs it stands for
+    scores: torch.Tensor | None = None  # one per candidate, higher is more important
+
+
+@dataclass
+class Selection:
+    """What `select` chose, in the form `plan` takes; unpacks as ``pruned_inputs, pruned_outputs``."""
+
+    pruned_inputs: Pairs
+    pruned_outputs: Pairs
+    amount: float
+    notes: list[str] = field(default_factory=list)
+    spec: PruningSpec | None = None  # planned while searching a budget: the spec of this choice
+
+    def __iter__(self):
+        return iter((self.pruned_inputs, self.pruned_outputs))
+
+
+def select(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    criterion: str = "l2",
+    amount: float | None = 0.3,
+    side: str = "input",
+    scope: str = "local",
+    round_to: int = 1,
+    exclude: Iterable[str] = (),
+    include_io: bool = False,
+    zeroed: bool = False,
+    target_macs: float | None = None,
+    target_params: float | None = None,
+    constrained: bool = False,
+    reorder: bool = True,
+    calibration: Iterable | None = None,
+    progress: Callable[[list], Iterable] | None = None,
+    seed: int = 0,
+) -> Selection:
+    """Choose the least important channels of `model`; returns ``(pruned_inputs, pruned_outputs)`` for `plan`.
+
+    Args:
+        criterion: a name in `criteria.CRITERIA`: l1, l2, fpgm, lamp (global scope only), hrank or random.
+        amount: the fraction of each group's candidates to prune (local), or of all candidates (global); counts
+            are rounded half up, and every group keeps at least one channel (at least `round_to`).
+        side: "input" chooses per consumer, "output" per segment of producers (see the module docstring).
+        scope: "local" prunes `amount` of every group, "global" ranks all candidates together.
+        round_to: keep each group's channel count a multiple of this (the nearest one, at least `round_to`).
+        exclude: glob patterns of weight or module names to leave untouched.
+        include_io: also choose in layers that read the model input or write its output.
+        zeroed: also prune every channel whose weights are all zero.
+        target_macs, target_params: instead of `amount`, search the amount whose plan keeps this fraction of the
+            dense model's MACs or parameters (within 1%); `constrained` and `reorder` are the mode it plans with.
+        calibration: input batches for hrank (each a tensor or a tuple of tensors); default `example_inputs`.
+        progress: wraps the list of calibration batches, e.g. in a progress bar.
+        seed: seed of the random criterion.
+
+    The model's weights, modes and hooks are left as they were.
+
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 2, 1), torch.nn.Conv2d(2, 2, 1))
+    >>> with torch.no_grad():
+    ...     _ = net[1].weight.copy_(torch.tensor([1., 0.1, 3., 2.]).view(1, 4, 1, 1).expand(2, 4, 1, 1))
+    >>> select(net, torch.rand(1, 3, 4, 4), criterion="l1", amount=0.5).pruned_inputs
+    [('1.weight', 1), ('1.weight', 0)]
+    """
+    inputs = [example_inputs] if isinstance(example_inputs, torch.Tensor) else list(example_inputs)
+    _check_arguments(criterion, amount, side, scope, round_to, target_macs, target_params)
+    graph = trace(model, inputs)
+    notes: list[str] = []
+    groups = _input_groups(graph, notes) if side == "input" else _output_groups(graph)
+    groups = _without_excluded(groups, graph, list(exclude), include_io, notes)
+    choice = Choice(groups, scope, round_to, notes)
+    choice.score(model, CRITERIA[criterion].name, inputs, side, calibration, progress, seed)
+    extra: tuple[Pairs, Pairs] = _zeroed(model, graph) if zeroed else ([], [])
+
+    def selection(a: float) -> Selection:
+        chosen = choice.pick(a)
+        on_input = chosen if side == "input" else []
+        on_output = chosen if side == "output" else []
+        return Selection(_union(on_input, extra[0]), _union(on_output, extra[1]), a, notes)
+
+    target = target_macs if target_macs is not None else target_params
+    if target is None:
+        return selection(amount)
+    measure = "macs" if target_macs is not None else "parameters"
+    return _search(model, inputs, selection, target, measure, constrained, reorder)
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+
+
+def _input_groups(graph: ChannelGraph, notes: list[str]) -> list[Group]:
+    groups, seen, left = [], set(), []
+    for consumer in graph.consumers:
+        if consumer.weight in seen:
+            continue
+        seen.add(consumer.weight)
+        if consumer.fixed or consumer.per_group:
+            left.append(f"{consumer.weight} ({consumer.fixed or 'a grouped convolution'})")
+            continue
+        pairs = [[(consumer.weight, col)] for col in range(len(consumer.slots))]
+        groups.append(Group(consumer.weight, {consumer.weight: consumer.axis}, pairs))
+    if left:
+        notes.append(f"left out, their inputs cannot be chosen one by one: {', '.join(left)}")
+    return groups
+
+
+def _output_groups(graph: ChannelGraph) -> list[Group]:
+    """One group per segment: producers that share a channel are in one segment (a small union-find)."""
+    root = graph.slots.roots_table()
+    pinned = graph.slots.reason
+    producers = list({p.weight: p for p in graph.producers}.values())
+    segment = list(range(len(producers)))
+
+    def top(i: int) -> int:
+        while segment[i] != i:
+            i = segment[i]
+        return i
+
+    owner: dict[int, int] = {}  # slot root -> a producer that writes it
+    for i, producer in enumerate(producers):
+        for s in producer.slots:
+            j = owner.setdefault(root[s], i)
+            a, b = top(i), top(j)
+            if a != b:
+                segment[max(a, b)] = min(a, b)
+    members: dict[int, list[int]] = {}
+    for i in range(len(producers)):
+        members.setdefault(top(i), []).append(i)
+
+    groups = []
+    for indices in members.values():
+        channels: dict[int, Pairs] = {}  # root -> the (producer weight, channel) pairs that carry it
+        for i in indices:
+            for ch, s in enumerate(producers[i].slots):
+                if root[s] not in pinned:
+                    channels.setdefault(root[s], []).append((producers[i].weight, ch))
+        axes = {producers[i].weight: producers[i].axis for i in indices}
+        groups.append(Group(producers[indices[0]].weight, axes, list(channels.values())))
+    return [g for g in groups if g.candidates]
+
+
+def _without_excluded(groups: list[Group], graph: ChannelGraph, patterns: list[str], include_io: bool, notes):
+    """Drop groups that touch an excluded weight, saying which and why."""
+    known = {r.weight for r in (*graph.consumers, *graph.producers)}
+    modules = {w.rpartition(".")[0] for w in known}
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in known | modules):
+            # Suggest module prefixes too ('layer4' for 'layr4*'): a pattern usually names a block, not one weight.
+            prefixes = {m.rsplit(".", k)[0] for m in modules for k in range(m.count(".") + 1)}
+            bare = pattern.strip("*?[]")
+            raise PlanError(f"exclude pattern {pattern!r} matches no layer; " + nearest(bare, sorted(prefixes | known)))
+
+    def excluded(weight: str) -> bool:
+        module = weight.rpartition(".")[0]
+        return any(fnmatch.fnmatchcase(weight, p) or fnmatch.fnmatchcase(module, p) for p in patterns)
+
+    io = set() if include_io else _io_weights(graph)
+    kept, io_out, matched = [], [], []
+    for group in groups:
+        if io & set(group.axes):
+            io_out.append(group.name)
+        elif any(excluded(w) for w in group.axes):
+            matched.append(group.name)
+        else:
+            kept.append(group)
+    if io_out:
+        notes.append(
+            f"left out, they read the model input or write its output (include_io to choose there): {', '.join(io_out)}"
+        )
+    if matched:
+        notes.append(f"left out by exclude patterns: {', '.join(matched)}")
+    return kept
+
+
+def _io_weights(graph: ChannelGraph) -> set[str]:
+    """Weights of layers that read the model input or write the model output."""
+    reason = graph.slots.pinned
+    reads_input = {c.weight for c in graph.consumers if any(reason(s) == UNLABELLED for s in c.slots)}
+    writes_output = {p.weight for p in graph.producers if any(reason(s) == OUTPUT for s in p.slots)}
+    return reads_input | writes_output
+
+
+def _zeroed(model: torch.nn.Module, graph: ChannelGraph) -> tuple[Pairs, Pairs]:
+    from prunespec.planner import zeroed_channels
+
+    return zeroed_channels(model, graph)
+
+
+def _union(a: Pairs, b: Pairs) -> Pairs:
+    return list(dict.fromkeys([*a, *b]))
+
+
+# ---------------------------------------------------------------------------------------------- choosing
+
+
+class Choice:
+    """Scores of every group's candidates, and the lowest ones for a given amount."""
+
+    def __init__(self, groups: list[Group], scope: str, round_to: int, notes: list[str]) -> None:
+        self.groups = groups
+        self.scope = scope
+        self.round_to = round_to
+        self.notes = notes
+        self.criterion = CRITERIA["l2"]
+
+    def score(self, model, name: str, inputs, side: str, calibration, progress, seed: int) -> None:
+        """Fill in `Group.scores` with criterion `name`."""
+        self.criterion = criterion = CRITERIA[name]
+        if criterion.needs_features:
+            self.groups = _feature_scores(model, self.groups, side, calibration or [inputs], progress, self.notes)
+            return
+        if criterion.score is None:  # random
+            generator = torch.Generator().manual_seed(seed)
+            for group in self.groups:
+                group.scores = torch.rand(len(group.candidates), generator=generator, dtype=torch.float64)
+            return
+        tensors = dict(model.named_parameters())
+        for group in self.groups:
+            per_weight = {w: criterion.score(rows(tensors[w], axis)) for w, axis in group.axes.items()}
+            group.scores = torch.tensor(
+                [sum(float(per_weight[w][ch]) for w, ch in pairs) for pairs in group.candidates], dtype=torch.float64
+            )
+
+    def pick(self, amount: float) -> Pairs:
+        """The (weight, channel) pairs of the lowest-scoring candidates for `amount`."""
+        counts = self._global_counts(amount) if self.scope == "global" else None
+        chosen: Pairs = []
+        for i, group in enumerate(self.groups):
+            n = len(group.candidates)
+            k = counts[i] if counts is not None else prune_count(amount, n, self.round_to)
+            order = torch.argsort(group.scores, stable=True)[:k].tolist()
+            chosen += [pair for c in order for pair in group.candidates[c]]
+        return chosen
+
+    def _global_counts(self, amount: float) -> list[int]:
+        """How many candidates each group loses when all are ranked together on rescaled scores."""
+        scaled = [self.criterion.rescale(g.scores) for g in self.groups]
+        sizes = [len(g.candidates) for g in self.groups]
+        floor = max(1, self.round_to)
+        caps = [max(0, n - floor) for n in sizes]
+        flat = torch.cat(scaled) if scaled else torch.zeros(0, dtype=torch.float64)
+        owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
+        wanted = math.floor(amount * sum(sizes) + 0.5)
+        counts = [0] * len(sizes)
+        taken = 0
+        for i in owner[torch.argsort(flat, stable=True)].tolist():
+            if taken == wanted:
+                break
+            if counts[i] < caps[i]:
+                counts[i] += 1
+                taken += 1
+        return [prune_count(c / n if n else 0.0, n, self.round_to) for c, n in zip(counts, sizes)]
+
+
+def prune_count(amount: float, n: int, round_to: int = 1) -> int:
+    """How many of `n` channels to prune: `amount` of them, rounded half up, leaving a multiple of `round_to`.
+
+    At least one channel (at least `round_to`) stays. Channel counts are rounded to the nearest multiple that fits.
+
+    >>> prune_count(0.3, 64), prune_count(0.3, 64, round_to=8), prune_count(1.0, 10), prune_count(0.5, 6, 8)
+    (19, 16, 9, 0)
+    """
+    k = math.floor(amount * n + 0.5)
+    if round_to > 1 and k > 0:
+        if n < round_to:
+            return 0
+        multiples = round((n - k) / round_to)
+        return n - min(max(multiples, 1), n // round_to) * round_to
+    return min(k, n - 1) if n else 0
+
+
+def _feature_scores(model, groups: list[Group], side: str, batches, progress, notes) -> list[Group]:
+    """HRank: average rank of each candidate's feature maps over the calibration batches."""
+    modules = dict(model.named_modules())
+    totals: dict[str, torch.Tensor] = {}
+    images: dict[str, int] = {}
+    problems: dict[str, str] = {}
+
+    def record(weight: str, activation) -> None:
+        if not isinstance(activation, torch.Tensor) or activation.ndim != 4:
+            shape = tuple(activation.shape) if isinstance(activation, torch.Tensor) else type(activation).__name__
+            problems.setdefault(weight, f"its {side} is {shape}, not a batch of 2-D feature maps")
+            return
+        ranks = feature_ranks(activation, axis=1)
+        totals[weight] = totals[weight] + ranks if weight in totals else ranks
+        images[weight] = images.get(weight, 0) + activation.shape[0]
+
+    handles = []
+    for weight in {w for g in groups for w in g.axes}:
+        module = modules[weight.rpartition(".")[0]]
+        if side == "input":
+            hook = module.register_forward_pre_hook(lambda m, args, w=weight: record(w, args[0] if args else None))
+        else:
+            hook = module.register_forward_hook(lambda m, args, out, w=weight: record(w, out))
+        handles.append(hook)
+    modes = {m: m.training for m in model.modules()}
+    batches = list(batches)
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in progress(batches) if progress else batches:
+                model(*([batch] if isinstance(batch, torch.Tensor) else batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes.items():
+            m.training = training
+
+    kept = []
+    for group in groups:
+        missing = next((w for w in group.axes if w not in totals or w in problems), None)
+        width = {w: totals[w].numel() for w in group.axes if w in totals}
+        if missing is None and any(ch >= width[w] for pairs in group.candidates for w, ch in pairs):
+            missing = group.name
+            problems.setdefault(missing, f"its {side} feature maps do not line up with its channels")
+        if missing is not None:
+            problems.setdefault(missing, "it did not run as a module in forward")
+            continue
+        mean = {w: totals[w] / images[w] for w in group.axes}
+        group.scores = torch.tensor(
+            [sum(float(mean[w][ch]) for w, ch in pairs) for pairs in group.candidates], dtype=torch.float64
+        )
+        kept.append(group)
+    if problems:
+        notes.append(
+            "left out, hrank has no feature maps for them: " + "; ".join(f"{w}: {why}" for w, why in problems.items())
+        )
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------- budgets
+
+
+def _search(model, inputs, selection, target: float, measure: str, constrained: bool, reorder: bool) -> Selection:
+    """Bisect the amount whose plan keeps `target` of the dense model's MACs or parameters."""
+    from prunespec.planner import plan
+
+    def planned(a: float) -> tuple[Selection, float]:
+        chosen = selection(a)
+        spec = plan(model, inputs, *chosen, constrained=constrained, reorder=reorder)
+        s = spec.summary
+        before, after = (
+            (s.macs_before, s.macs_after) if measure == "macs" else (s.parameters_before, s.parameters_after)
+        )
+        chosen.spec = spec
+        return chosen, after / before if before else 1.0
+
+    best, reached = planned(0.0)
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        if abs(reached / target - 1) <= TARGET_TOLERANCE or hi - lo < 1e-4:
+            break
+        mid = (lo + hi) / 2
+        candidate, fraction = planned(mid)
+        if abs(fraction / target - 1) < abs(reached / target - 1):
+            best, reached = candidate, fraction
+        lo, hi = (mid, hi) if fraction > target else (lo, mid)
+    verdict = "reached" if abs(reached / target - 1) <= TARGET_TOLERANCE else "could not reach within 1%; closest"
+    best.notes = [
+        *best.notes,
+        f"target {measure} {target:.1%} of the dense model: {verdict} {reached:.2%} at amount {best.amount:.4f}",
+    ]
+    return best
+
+
+def _check_arguments(criterion, amount, side, scope, round_to, target_macs, target_params) -> None:
+    if criterion not in CRITERIA:
+        raise PlanError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
+    if side not in SIDES:
+        raise PlanError(f"side {side!r}: use 'input' (per consumer) or 'output' (per segment of producers)")
+    if scope not in SCOPES:
+        raise PlanError(f"scope {scope!r}: use 'local' (per layer) or 'global' (ranked across layers)")
+    if CRITERIA[criterion].global_only and scope != "global":
+        raise PlanError(
+            f"{criterion} ranks channels across layers; layer by layer it picks the same channels as l2: "
+            "use the global scope (--scope global), or criterion l2"
+        )
+    if not isinstance(round_to, int) or round_to < 1:
+        raise PlanError(f"round_to {round_to!r}: give a whole number of channels, 1 or more (8 suits most hardware)")
+    if target_macs is not None and target_params is not None:
+        raise PlanError("give a MACs target or a parameters target, not both")
+    for what, value in (("target_macs", target_macs), ("target_params", target_params)):
+        if value is not None and not 0 < value <= 1:
+            raise PlanError(f"{what} {value!r}: give the fraction of the dense model to keep, above 0 and at most 1")
+    if target_macs is None and target_params is None and (amount is None or not 0 <= amount <= 1):
+        raise PlanError(f"amount {amount!r}: give the fraction of channels to prune, from 0 to 1, such as 0.3")
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+
+
+def rounding_misses(spec: PruningSpec, round_to: int) -> list[str]:
+    """Pruned weight axes whose channel count is not a multiple of `round_to`: ``"name axis k: count"``.
+
+    The mode decides some counts: an unconstrained producer keeps every channel that one reader still needs.
+    """
+    if round_to <= 1:
+        return []
+    misses = []
+    for module, layer in spec.layers.items():
+        weight = layer.tensors.get("weight")
+        if not weight or len(weight) < 2:  # a norm's weight follows its producer, which is reported already
+            continue
+        for axis, runs in enumerate(weight[:2]):
+            if runs is None:
+                continue
+            count = sum(hi - lo + 1 for lo, hi in parse_runs(runs))
+            if count % round_to:
+                misses.append(f"{module}.weight axis {axis}: {count}")
+    return misses
