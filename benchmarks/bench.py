@@ -64,6 +64,9 @@ QUICK = {
     "resolutions": [112, 224],
     "batches": [1, 8],
 }
+# Patterns chosen by an importance criterion, timed beside the random ones at the main fraction: `prunespec.select`
+# with these options on the input side (its default leaves out the layers reading the image or writing the logits).
+PATTERNS = {"l2": {"criterion": "l2"}, "l2/8": {"criterion": "l2", "round_to": 8}}
 SLOW_AFTER = 30.0  # seconds: a single run this slow is reported as a single run rather than repeated
 
 
@@ -82,7 +85,15 @@ class Bench:
     def has(self, peer: str) -> bool:
         return self.peers.get(peer) is not None
 
-    def request(self, name: str, model: torch.nn.Module, fraction: float) -> list[tuple[str, int]]:
+    def request(
+        self, name: str, model: torch.nn.Module, fraction: float, pattern: str = "random"
+    ) -> list[tuple[str, int]]:
+        """The (weight, input channel) pairs of a pattern: random, or chosen by a criterion (see `PATTERNS`)."""
+        if pattern != "random":
+            options = PATTERNS[pattern]
+            return prunespec.select(
+                model, common.example_input(), amount=fraction, side="input", **options
+            ).pruned_inputs
         if name not in self._sizes:  # consumers do not depend on the input size
             self._sizes[name] = common.consumer_sizes(model, common.example_input(), self.args.image_channels)
         return common.random_request(self._sizes[name], fraction)
@@ -172,9 +183,12 @@ class Bench:
             x1 = common.example_input()
             dense_macs = common.count_macs(model, x1)
             batches = [1] + ([32] if name in self.args.batch32_models else [])
-            for fraction in self.args.fractions:
-                self.log("latency", name, f"{fraction:.0%}")
-                request = self.request(name, model, fraction)
+            runs = [(f, "random") for f in self.args.fractions] + [
+                (common.MAIN_FRACTION, p) for p in self.args.patterns
+            ]
+            for fraction, pattern in runs:
+                self.log("latency", name, f"{fraction:.0%}", pattern)
+                request = self.request(name, model, fraction, pattern)
                 spec = prunespec.plan(model, [x1], pruned_inputs=request)
                 variants = self.pruned_variants(model, x1, spec, request)
                 for d in devices:
@@ -182,7 +196,7 @@ class Bench:
                         # The dense model is timed again beside each pattern's pruned models, round-robin.
                         contenders = {"dense": model} | {k: v["model"] for k, v in variants.items() if "model" in v}
                         times = self.forward_times(contenders, d, b)
-                        row = {"model": name, "device": d, "batch": b, "fraction": fraction,
+                        row = {"model": name, "device": d, "batch": b, "fraction": fraction, "pattern": pattern,
                                "requested": len(request), "dense": times["dense"], "dense_macs": dense_macs,
                                "spec_macs": [spec.summary.macs_before, spec.summary.macs_after]}  # fmt: skip
                         row["variants"] = {
@@ -191,7 +205,8 @@ class Bench:
                             for key, info in variants.items()
                         }
                         rows.append(row)
-                if fraction == common.MAIN_FRACTION and not self.args.skip_export and "model" in variants["prunespec"]:
+                main = fraction == common.MAIN_FRACTION and pattern == "random"
+                if main and not self.args.skip_export and "model" in variants["prunespec"]:
                     exports.append({"model": name, **self.exported(variants["prunespec"]["model"], x1)})
                 for info in variants.values():
                     info.pop("model", None)
@@ -361,6 +376,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--scaling-models", nargs="*", help="models of the scaling sweep")
     parser.add_argument("--fractions", nargs="+", type=float, help="pruned fractions (default: 0.1 0.3 0.5)")
+    parser.add_argument(
+        "--patterns", nargs="*", choices=sorted(PATTERNS), default=list(PATTERNS),
+        help=f"criterion patterns also timed at {common.MAIN_FRACTION:.0%} (default: all of them)",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, at least (default 5)")
     for section in ("planning", "apply", "latency", "scaling", "profile", "memory", "export", "upscale-sweep"):
         parser.add_argument(f"--skip-{section}", action="store_true")
@@ -368,7 +387,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--image-channels", action="store_true", help="also request channels of the model input (upscale refuses)"
     )
     parser.add_argument(
-        "--devices", nargs="+", choices=["cpu", "cuda"], help="devices of the latency tables (default: cpu, and cuda if present)"
+        "--devices",
+        nargs="+",
+        choices=["cpu", "cuda"],
+        help="devices of the latency tables (default: cpu, and cuda if present)",
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench.json")

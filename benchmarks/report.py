@@ -85,11 +85,13 @@ def header(meta: dict) -> list[str]:
         (
             f"Times are medians over at least {meta['repeats']} runs after warm-up (`time.perf_counter`), in ms; the "
             "models of one latency row (dense, prunespec, upscale) are timed round-robin, at least 7 rounds of at "
-            "least 50 ms each at batch 1, so that a slow spell of the machine hits them alike. Each pattern picks "
-            "every input channel of every consumer "
+            "least 50 ms each at batch 1, so that a slow spell of the machine hits them alike. A random pattern "
+            "picks every input channel of every consumer "
             f"(as listed by prunespec's tracer{image}) "
-            "with probability p from `random.Random(0)`; all libraries get the same "
-            "(parameter name, channel) list. Ratios are prunespec / peer, measured in the same run: below 1 means "
+            "with probability p from `random.Random(0)`. The patterns `l2` and `l2/8` are what `prunespec.select("
+            "model, x, 'l2', p)` chooses (the fraction p of every consumer's inputs with the smallest L2 norm, "
+            "leaving out the first and last layers), `l2/8` with `round_to=8` so that every consumer keeps a multiple "
+            "of 8 inputs. All libraries get the same (parameter name, channel) list. Ratios are prunespec / peer, measured in the same run: below 1 means "
             "prunespec is faster. Details: `out/bench.json`."
         ),
     ] + [f"\n**Note:** {note}" for note in meta.get("notes", [])]
@@ -175,7 +177,7 @@ def latency(rows: list[dict]) -> list[str]:
             v = r["variants"]
             ps, up, upn = v["prunespec"], v["upscale"], v["upscale_noreorder"]
             body.append([
-                r["model"], f"{r['fraction']:.0%}", ms(r["dense"]), ms(ps.get("latency") or ps),
+                r["model"], pattern(r), ms(r["dense"]), ms(ps.get("latency") or ps),
                 ms(up.get("latency") or up), ms(upn.get("latency") or upn),
                 ratio(ps.get("latency"), up.get("latency")), ratio(ps.get("latency"), upn.get("latency")),
                 ratio(r["dense"], ps.get("latency")),
@@ -191,7 +193,7 @@ def latency(rows: list[dict]) -> list[str]:
                      "one consumer asks to drop goes, so no activation is gathered and the residual streams shrink "
                      "too."), ""]  # fmt: skip
         body = [
-            [r["model"], f"{r['fraction']:.0%}", ms(r["dense"]), ms(c.get("latency") or c),
+            [r["model"], pattern(r), ms(r["dense"]), ms(c.get("latency") or c),
              ratio(r["dense"], c.get("latency")), f"{r['dense_macs'] / 1e9:.2f}", _gmacs(c), _eff(r, c),
              f"{c['max_abs_diff_vs_mock']:.1e}" if "max_abs_diff_vs_mock" in c else "–"]
             for r in group
@@ -200,6 +202,12 @@ def latency(rows: list[dict]) -> list[str]:
         out += table(["model", "p", "dense ms", "constrained ms", "speedup", "GMACs dense", "GMACs", "eff",
                       "max\\|Δ\\|"], body)  # fmt: skip
     return out
+
+
+def pattern(row: dict) -> str:
+    """The p column: the fraction, and the criterion pattern's name when it is not the random one."""
+    name = row.get("pattern", "random")
+    return f"{row['fraction']:.0%}" + ("" if name == "random" else f" {name}")
 
 
 def _gmacs(variant: dict) -> str:
