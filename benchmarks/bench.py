@@ -182,7 +182,7 @@ class Bench:
             model = common.build_model(name)
             x1 = common.example_input()
             dense_macs = common.count_macs(model, x1)
-            batches = [1] + ([32] if name in self.args.batch32_models else [])
+            batches = [1] + ([self.args.big_batch] if name in self.args.batch32_models else [])
             runs = [(f, "random") for f in self.args.fractions] + [
                 (common.MAIN_FRACTION, p) for p in self.args.patterns
             ]
@@ -378,8 +378,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fractions", nargs="+", type=float, help="pruned fractions (default: 0.1 0.3 0.5)")
     parser.add_argument(
         "--patterns", nargs="*", choices=sorted(PATTERNS), default=list(PATTERNS),
-        help=f"criterion patterns also timed at {common.MAIN_FRACTION:.0%} (default: all of them)",
+        help=f"criterion patterns also timed at {common.MAIN_FRACTION:.0%}% (default: all of them)",
     )  # fmt: skip
+    parser.add_argument(
+        "--big-batch", type=int, default=32, help="the batch size of the --batch32-models' second rows (default 32)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, at least (default 5)")
     for section in ("planning", "apply", "latency", "scaling", "profile", "memory", "export", "upscale-sweep"):
         parser.add_argument(f"--skip-{section}", action="store_true")
