@@ -5,15 +5,15 @@ replaces what lies between `<!-- bench:start -->` and `<!-- bench:end -->`, addi
 with the markers at the end of the README when they are missing, and touches nothing else.
 
     python benchmarks/report.py out/bench.json          # print the tables again from a stored run
+    python benchmarks/report.py --readme-marker bench-cuda out/bench-cuda.json  # a GPU run's own README section
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def ms(cell: dict | None) -> str:
@@ -91,8 +91,8 @@ def header(meta: dict) -> list[str]:
             "with probability p from `random.Random(0)`. The patterns `l2` and `l2/8` are what `prunespec.select("
             "model, x, 'l2', p)` chooses (the fraction p of every consumer's inputs with the smallest L2 norm, "
             "leaving out the first and last layers), `l2/8` with `round_to=8` so that every consumer keeps a multiple "
-            "of 8 inputs. All libraries get the same (parameter name, channel) list. Ratios are prunespec / peer, measured in the same run: below 1 means "
-            "prunespec is faster. Details: `out/bench.json`."
+            "of 8 inputs. All libraries get the same (parameter name, channel) list. Ratios are prunespec / peer, "
+            "measured in the same run: below 1 means prunespec is faster. Details: `out/bench.json`."
         ),
     ] + [f"\n**Note:** {note}" for note in meta.get("notes", [])]
 
@@ -263,18 +263,34 @@ def profile(section: dict) -> list[str]:
     return out
 
 
-def update_readme(path: Path, text: str) -> None:
-    """Replace the text between the bench markers; append the section when the markers are missing."""
+def update_readme(path: Path, text: str, marker: str = "bench") -> None:
+    """Replace the text between the `marker` markers; append the section when the markers are missing."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     readme = path.read_text()
-    block = f"{START}\n{text.rstrip()}\n{END}"
-    if START in readme and END in readme and readme.index(START) < readme.index(END):
-        before, rest = readme.split(START, 1)
-        after = rest.split(END, 1)[1]
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in readme and end in readme and readme.index(start) < readme.index(end):
+        before, rest = readme.split(start, 1)
+        after = rest.split(end, 1)[1]
         readme = before + block + after
     else:
         readme = readme.rstrip("\n") + "\n\n## Performance\n\n" + block + "\n"
     path.write_text(readme)
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Print stored benchmark runs as markdown, or put them in README.md.")
+    parser.add_argument("runs", nargs="*", type=Path, default=[Path("out/bench.json")], help="bench.py --out files")
+    parser.add_argument(
+        "--readme-marker",
+        metavar="NAME",
+        help="replace README.md's text between <!-- NAME:start --> and <!-- NAME:end --> with the tables",
+    )
+    args = parser.parse_args(argv)
+    text = "\n".join(render(json.loads(path.read_text())) for path in args.runs)
+    print(text)
+    if args.readme_marker:
+        update_readme(Path(__file__).resolve().parents[1] / "README.md", text, args.readme_marker)
+
+
 if __name__ == "__main__":
-    print(render(json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else "out/bench.json").read_text())))
+    main()
