@@ -126,7 +126,7 @@ def select(
     target = target_macs if target_macs is not None else target_params
     if target is None:
         return selection(amount)
-    measure = "macs" if target_macs is not None else "parameters"
+    measure = "MACs" if target_macs is not None else "parameters"
     return _search(model, inputs, selection, target, measure, constrained, reorder)
 
 
@@ -385,7 +385,7 @@ def _search(model, inputs, selection, target: float, measure: str, constrained: 
         spec = plan(model, inputs, *chosen, constrained=constrained, reorder=reorder)
         s = spec.summary
         before, after = (
-            (s.macs_before, s.macs_after) if measure == "macs" else (s.parameters_before, s.parameters_after)
+            (s.macs_before, s.macs_after) if measure == "MACs" else (s.parameters_before, s.parameters_after)
         )
         chosen.spec = spec
         return chosen, after / before if before else 1.0
