@@ -9,6 +9,8 @@ import random
 import pytest
 import torch
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from invariant import assert_invariant
 from nets import build
 from test_cli import SMALL, TINY, run_all
@@ -289,3 +291,43 @@ def test_plan_with_a_criterion_from_the_command_line(tmp_path):
         result = results[name]
         assert result.returncode == 1 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
         assert not (tmp_path / name / "out.prunespec.json").exists()
+
+
+class Widths(nn.Module):
+    """a → b → c → d with any widths: b and c are the free consumers (b reads `w1` channels, c reads `w2`)."""
+
+    def __init__(self, w1: int, w2: int):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, w1, 1), nn.Conv2d(w1, w2, 1)
+        self.c, self.d = nn.Conv2d(w2, 5, 1), nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        return self.d(self.c(self.b(self.a(x))))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    w1=st.integers(1, 40),
+    w2=st.integers(1, 40),
+    amount=st.floats(0, 1),
+    round_to=st.sampled_from([1, 2, 4, 8]),
+    scope=st.sampled_from(["local", "global"]),
+    criterion=st.sampled_from(["l1", "l2", "fpgm", "random"]),
+)
+def test_amount_property(w1, w2, amount, round_to, scope, criterion):
+    torch.manual_seed(w1 * 41 + w2)
+    net = Widths(w1, w2).eval()
+    chosen = prunespec.select(net, X.float(), criterion, amount, scope=scope, round_to=round_to).pruned_inputs
+    assert len(set(chosen)) == len(chosen)
+    counts = {w: len(channels_of(chosen, w)) for w in ("b.weight", "c.weight")}
+    assert {w for w, _ in chosen} <= set(counts)  # a and d read the input and write the output
+    widths = {"b.weight": w1, "c.weight": w2}
+    for weight, k in counts.items():
+        n = widths[weight]
+        assert k <= n - 1 or n == 0  # a layer always keeps a channel
+        if round_to > 1 and k:
+            assert (n - k) % round_to == 0 and n - k >= round_to
+    if round_to == 1 and scope == "local":
+        assert counts == {w: min(int(amount * n + 0.5), n - 1) for w, n in widths.items()}
+    elif round_to == 1:
+        assert sum(counts.values()) == min(int(amount * (w1 + w2) + 0.5), w1 - 1 + w2 - 1)
