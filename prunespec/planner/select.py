@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prunespec.errors import PlanError, nearest
-from prunespec.planner.criteria import CRITERIA, feature_ranks, rows
+from prunespec.planner.criteria import CRITERIA, Criterion, feature_ranks, rows
 from prunespec.planner.graph import ChannelGraph
 from prunespec.planner.trace import OUTPUT, UNLABELLED, trace
 from prunespec.schemas import PruningSpec, parse_runs
@@ -113,8 +113,9 @@ def select(
     notes: list[str] = []
     groups = _input_groups(graph, notes) if side == "input" else _output_groups(graph)
     groups = _without_excluded(groups, graph, list(exclude), include_io, notes)
-    choice = Choice(groups, scope, round_to, notes)
-    choice.score(model, CRITERIA[criterion].name, inputs, side, calibration, progress, seed)
+    rule = CRITERIA[criterion]
+    groups = _scored(groups, rule, model, side, calibration or [inputs], progress, seed, notes)
+    choice = Choice(groups, rule.rescale, scope, round_to)
     extra: tuple[Pairs, Pairs] = _zeroed(model, graph) if zeroed else ([], [])
 
     def selection(a: float) -> Selection:
@@ -238,33 +239,37 @@ def _union(a: Pairs, b: Pairs) -> Pairs:
 # ---------------------------------------------------------------------------------------------- choosing
 
 
-class Choice:
-    """Scores of every group's candidates, and the lowest ones for a given amount."""
+def _scored(groups: list[Group], rule: Criterion, model, side: str, batches, progress, seed: int, notes):
+    """The groups with `Group.scores` filled in by `rule`; hrank drops groups it has no feature maps for."""
+    if rule.needs_features:
+        return _feature_scores(model, groups, side, batches, progress, notes)
+    if rule.score is None:  # random
+        generator = torch.Generator().manual_seed(seed)
+        for group in groups:
+            group.scores = torch.rand(len(group.candidates), generator=generator, dtype=torch.float64)
+        return groups
+    tensors = dict(model.named_parameters())
+    for group in groups:
+        per_weight = {w: rule.score(rows(tensors[w], axis)) for w, axis in group.axes.items()}
+        group.scores = _summed(group, per_weight)
+    return groups
 
-    def __init__(self, groups: list[Group], scope: str, round_to: int, notes: list[str]) -> None:
+
+def _summed(group: Group, per_weight: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each candidate's score: the sum over the (weight, channel) pairs it stands for."""
+    return torch.tensor(
+        [sum(float(per_weight[w][ch]) for w, ch in pairs) for pairs in group.candidates], dtype=torch.float64
+    )
+
+
+class Choice:
+    """Scored groups, and their lowest-scoring candidates for a given amount."""
+
+    def __init__(self, groups: list[Group], rescale, scope: str, round_to: int) -> None:
         self.groups = groups
+        self.rescale = rescale  # puts one group's scores on the scale of the others, for the global scope
         self.scope = scope
         self.round_to = round_to
-        self.notes = notes
-        self.criterion = CRITERIA["l2"]
-
-    def score(self, model, name: str, inputs, side: str, calibration, progress, seed: int) -> None:
-        """Fill in `Group.scores` with criterion `name`."""
-        self.criterion = criterion = CRITERIA[name]
-        if criterion.needs_features:
-            self.groups = _feature_scores(model, self.groups, side, calibration or [inputs], progress, self.notes)
-            return
-        if criterion.score is None:  # random
-            generator = torch.Generator().manual_seed(seed)
-            for group in self.groups:
-                group.scores = torch.rand(len(group.candidates), generator=generator, dtype=torch.float64)
-            return
-        tensors = dict(model.named_parameters())
-        for group in self.groups:
-            per_weight = {w: criterion.score(rows(tensors[w], axis)) for w, axis in group.axes.items()}
-            group.scores = torch.tensor(
-                [sum(float(per_weight[w][ch]) for w, ch in pairs) for pairs in group.candidates], dtype=torch.float64
-            )
 
     def pick(self, amount: float) -> Pairs:
         """The (weight, channel) pairs of the lowest-scoring candidates for `amount`."""
@@ -279,7 +284,7 @@ class Choice:
 
     def _global_counts(self, amount: float) -> list[int]:
         """How many candidates each group loses when all are ranked together on rescaled scores."""
-        scaled = [self.criterion.rescale(g.scores) for g in self.groups]
+        scaled = [self.rescale(g.scores) for g in self.groups]
         sizes = [len(g.candidates) for g in self.groups]
         floor = max(1, self.round_to)
         caps = [max(0, n - floor) for n in sizes]
@@ -361,10 +366,7 @@ def _feature_scores(model, groups: list[Group], side: str, batches, progress, no
         if missing is not None:
             problems.setdefault(missing, "it did not run as a module in forward")
             continue
-        mean = {w: totals[w] / images[w] for w in group.axes}
-        group.scores = torch.tensor(
-            [sum(float(mean[w][ch]) for w, ch in pairs) for pairs in group.candidates], dtype=torch.float64
-        )
+        group.scores = _summed(group, {w: totals[w] / images[w] for w in group.axes})
         kept.append(group)
     if problems:
         notes.append(
