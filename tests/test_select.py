@@ -331,3 +331,49 @@ def test_amount_property(w1, w2, amount, round_to, scope, criterion):
         assert counts == {w: min(int(amount * n + 0.5), n - 1) for w, n in widths.items()}
     elif round_to == 1:
         assert sum(counts.values()) == min(int(amount * (w1 + w2) + 0.5), w1 - 1 + w2 - 1)
+
+
+class ConvBnRelu(nn.Module):
+    """stem → conv → bn → relu → head: the conv's output channels are scored as the batch norm and ReLU leave them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(self.stem(x)))))
+
+
+def conv_bn_relu() -> ConvBnRelu:
+    torch.manual_seed(0)
+    net = ConvBnRelu().double().eval()
+    with torch.no_grad():
+        net.conv.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]).view(4, 1, 1, 1).expand(4, 4, 3, 3) / 6)
+        net.bn.running_var.copy_(torch.tensor([1.0, 1.0, 1.0, 1.0]))
+        net.bn.weight.copy_(torch.tensor([1.0, 1.0, 1.0, 1e-3]))  # channel 3: largest filter, silenced by the norm
+        net.bn.bias.copy_(torch.tensor([0.0, -1e3, 0.0, 0.0]))  # channel 1: always negative, ReLU zeroes it
+    return net
+
+
+def test_output_side_weights_are_scored_folded_with_their_batch_norm():
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    # Filter norms alone rank channel 0 lowest; folded with the norm's scale |γ|/√(var+ε), channel 3 is the weakest.
+    assert prunespec.select(conv_bn_relu(), x, "l2", 0.25, side="output").pruned_outputs == [("conv.weight", 3)]
+    assert prunespec.select(conv_bn_relu(), x, "l2", 0.25, side="input").pruned_inputs[0][0] == "conv.weight"
+
+
+def test_hrank_on_the_output_side_reads_the_maps_after_norm_and_activation():
+    # Every channel of the convolution's own output has full-rank maps; after the ReLU, channel 1 is all zeros.
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    chosen = prunespec.select(conv_bn_relu(), x, "hrank", 0.25, side="output").pruned_outputs
+    assert chosen == [("conv.weight", 1)]
+
+
+def test_a_budget_out_of_reach_says_so_and_stays_within_it():
+    net = chain(width=4)  # two free layers of 4 channels: MACs fall in big steps
+    selection = prunespec.select(net, X, "l2", None, target_macs=0.7)
+    s = selection.spec.summary
+    reached = s.macs_after / s.macs_before
+    assert reached <= 0.7 * 1.01
+    assert "could not reach within 1%" in selection.notes[-1] and f"{reached:.2%}" in selection.notes[-1]

@@ -45,6 +45,7 @@ class Group:
     name: str  # the consumer's weight, or the segment's first producer weight
     axes: dict[str, int]  # every weight whose channels these are -> its channel axis
     candidates: list[Pairs]  # per candidate: the (weight, channel) pairs it stands for
+    readers: list[Pairs]  # per candidate: the (consumer weight, input column) pairs that read it, for hrank
     scores: torch.Tensor | None = None  # one per candidate, higher is more important
 
 
@@ -114,7 +115,8 @@ def select(
     groups = _input_groups(graph, notes) if side == "input" else _output_groups(graph)
     groups = _without_excluded(groups, graph, list(exclude), include_io, notes)
     rule = CRITERIA[criterion]
-    groups = _scored(groups, rule, model, side, calibration or [inputs], progress, seed, notes)
+    scales = norm_scales(model, graph) if side == "output" else {}
+    groups = _scored(groups, rule, model, scales, calibration or [inputs], progress, seed, notes)
     choice = Choice(groups, rule.rescale, scope, round_to)
     extra: tuple[Pairs, Pairs] = _zeroed(model, graph) if zeroed else ([], [])
 
@@ -144,7 +146,7 @@ def _input_groups(graph: ChannelGraph, notes: list[str]) -> list[Group]:
             left.append(f"{consumer.weight} ({consumer.fixed or 'a grouped convolution'})")
             continue
         pairs = [[(consumer.weight, col)] for col in range(len(consumer.slots))]
-        groups.append(Group(consumer.weight, {consumer.weight: consumer.axis}, pairs))
+        groups.append(Group(consumer.weight, {consumer.weight: consumer.axis}, pairs, pairs))
     if left:
         notes.append(f"left out, their inputs cannot be chosen one by one: {', '.join(left)}")
     return groups
@@ -173,6 +175,14 @@ def _output_groups(graph: ChannelGraph) -> list[Group]:
     for i in range(len(producers)):
         members.setdefault(top(i), []).append(i)
 
+    # A channel's feature map is best seen where it is read: after the batch norm and activation that follow its
+    # producers (a producer's own output has full-rank maps whatever it learned).
+    readers: dict[int, Pairs] = {}
+    for consumer in graph.consumers:
+        if not (consumer.no_gather or consumer.fixed):
+            for col, s in enumerate(consumer.slots):
+                readers.setdefault(root[s], []).append((consumer.weight, col))
+
     groups = []
     for indices in members.values():
         channels: dict[int, Pairs] = {}  # root -> the (producer weight, channel) pairs that carry it
@@ -181,7 +191,8 @@ def _output_groups(graph: ChannelGraph) -> list[Group]:
                 if root[s] not in pinned:
                     channels.setdefault(root[s], []).append((producers[i].weight, ch))
         axes = {producers[i].weight: producers[i].axis for i in indices}
-        groups.append(Group(producers[indices[0]].weight, axes, list(channels.values())))
+        read = [readers.get(r, []) for r in channels]
+        groups.append(Group(producers[indices[0]].weight, axes, list(channels.values()), read))
     return [g for g in groups if g.candidates]
 
 
@@ -239,10 +250,13 @@ def _union(a: Pairs, b: Pairs) -> Pairs:
 # ---------------------------------------------------------------------------------------------- choosing
 
 
-def _scored(groups: list[Group], rule: Criterion, model, side: str, batches, progress, seed: int, notes):
-    """The groups with `Group.scores` filled in by `rule`; hrank drops groups it has no feature maps for."""
+def _scored(groups: list[Group], rule: Criterion, model, scales, batches, progress, seed: int, notes):
+    """The groups with `Group.scores` filled in by `rule`; hrank drops groups it has no feature maps for.
+
+    `scales` multiply a weight's rows before scoring (`norm_scales`: producers folded with their batch norm).
+    """
     if rule.needs_features:
-        return _feature_scores(model, groups, side, batches, progress, notes)
+        return _feature_scores(model, groups, batches, progress, notes)
     if rule.score is None:  # random
         generator = torch.Generator().manual_seed(seed)
         for group in groups:
@@ -250,9 +264,34 @@ def _scored(groups: list[Group], rule: Criterion, model, side: str, batches, pro
         return groups
     tensors = dict(model.named_parameters())
     for group in groups:
-        per_weight = {w: rule.score(rows(tensors[w], axis)) for w, axis in group.axes.items()}
+        per_weight = {}
+        for weight, axis in group.axes.items():
+            r = rows(tensors[weight], axis)
+            scale = scales.get(weight)
+            per_weight[weight] = rule.score(r * scale[:, None] if scale is not None and len(scale) == len(r) else r)
         group.scores = _summed(group, per_weight)
     return groups
+
+
+def norm_scales(model: torch.nn.Module, graph: ChannelGraph) -> dict[str, torch.Tensor]:
+    """Per producer weight, how the batch norm right after it scales each output channel: |γ| / √(var + ε).
+
+    A filter's norm says little when a batch norm rescales its output; scored folded with the norm, a filter counts
+    as it acts. The norm right after a producer is the one whose statistics run along the producer's own slots.
+    """
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    bound = {b.tensor: b for b in graph.bindings}
+    after: dict[int, torch.Tensor] = {}
+    for name, binding in bound.items():
+        module_name, _, local = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if local != "running_var" or not hasattr(module, "eps"):
+            continue
+        var = tensors[name].detach().double()
+        gamma = f"{module_name}.weight"
+        weight = tensors[gamma].detach().double().abs() if gamma in bound else torch.ones_like(var)
+        after[id(binding.slots)] = weight / (var + module.eps).sqrt()
+    return {p.weight: after[id(p.slots)] for p in graph.producers if id(p.slots) in after}
 
 
 def _summed(group: Group, per_weight: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -319,8 +358,12 @@ def prune_count(amount: float, n: int, round_to: int = 1) -> int:
     return min(k, n - 1) if n else 0
 
 
-def _feature_scores(model, groups: list[Group], side: str, batches, progress, notes) -> list[Group]:
-    """HRank: average rank of each candidate's feature maps over the calibration batches."""
+def _feature_scores(model, groups: list[Group], batches, progress, notes) -> list[Group]:
+    """HRank: the average rank of each candidate's feature maps over the calibration batches.
+
+    The maps are the inputs of the consumers that read the candidate (`Group.readers`); a channel read by several
+    scores the mean of their ranks. A group with a candidate that no convolution reads as 2-D maps is left out.
+    """
     modules = dict(model.named_modules())
     totals: dict[str, torch.Tensor] = {}
     images: dict[str, int] = {}
@@ -329,20 +372,19 @@ def _feature_scores(model, groups: list[Group], side: str, batches, progress, no
     def record(weight: str, activation) -> None:
         if not isinstance(activation, torch.Tensor) or activation.ndim != 4:
             shape = tuple(activation.shape) if isinstance(activation, torch.Tensor) else type(activation).__name__
-            problems.setdefault(weight, f"its {side} is {shape}, not a batch of 2-D feature maps")
+            problems.setdefault(weight, f"reads {shape}, not a batch of 2-D feature maps")
             return
         ranks = feature_ranks(activation, axis=1)
         totals[weight] = totals[weight] + ranks if weight in totals else ranks
         images[weight] = images.get(weight, 0) + activation.shape[0]
 
-    handles = []
-    for weight in {w for g in groups for w in g.axes}:
-        module = modules[weight.rpartition(".")[0]]
-        if side == "input":
-            hook = module.register_forward_pre_hook(lambda m, args, w=weight: record(w, args[0] if args else None))
-        else:
-            hook = module.register_forward_hook(lambda m, args, out, w=weight: record(w, out))
-        handles.append(hook)
+    weights = {w for g in groups for pairs in g.readers for w, _ in pairs}
+    handles = [
+        modules[w.rpartition(".")[0]].register_forward_pre_hook(
+            lambda m, args, w=w: record(w, args[0] if args else None)
+        )
+        for w in weights
+    ]
     modes = {m: m.training for m in model.modules()}
     batches = list(batches)
     try:
@@ -356,21 +398,21 @@ def _feature_scores(model, groups: list[Group], side: str, batches, progress, no
         for m, training in modes.items():
             m.training = training
 
-    kept = []
+    mean = {w: totals[w] / images[w] for w in totals if w not in problems}
+    kept, unseen = [], []
     for group in groups:
-        missing = next((w for w in group.axes if w not in totals or w in problems), None)
-        width = {w: totals[w].numel() for w in group.axes if w in totals}
-        if missing is None and any(ch >= width[w] for pairs in group.candidates for w, ch in pairs):
-            missing = group.name
-            problems.setdefault(missing, f"its {side} feature maps do not line up with its channels")
-        if missing is not None:
-            problems.setdefault(missing, "it did not run as a module in forward")
-            continue
-        group.scores = _summed(group, {w: totals[w] / images[w] for w in group.axes})
-        kept.append(group)
-    if problems:
+        seen = [[mean[w][col] for w, col in pairs if w in mean and col < len(mean[w])] for pairs in group.readers]
+        if all(seen):
+            group.scores = torch.tensor([float(sum(r) / len(r)) for r in seen], dtype=torch.float64)
+            kept.append(group)
+        else:
+            unseen.append(group.name)
+    if unseen:
+        why = "; ".join(f"{w} {why}" for w, why in problems.items())
         notes.append(
-            "left out, hrank has no feature maps for them: " + "; ".join(f"{w}: {why}" for w, why in problems.items())
+            "left out, hrank sees no 2-D feature maps of some of their channels: "
+            + ", ".join(unseen)
+            + (f" ({why})" if why else "")
         )
     return kept
 
@@ -392,17 +434,31 @@ def _search(model, inputs, selection, target: float, measure: str, constrained: 
         chosen.spec = spec
         return chosen, after / before if before else 1.0
 
-    best, reached = planned(0.0)
+    # The best plan fits the budget (up to the tolerance) and comes closest to it; MACs and parameters fall in steps
+    # as the amount grows, so a small model may have no plan within 1%.
+    def fits(fraction: float) -> bool:
+        return fraction <= target * (1 + TARGET_TOLERANCE)
+
+    tried = [planned(0.0)]
     lo, hi = 0.0, 1.0
-    for _ in range(30):
-        if abs(reached / target - 1) <= TARGET_TOLERANCE or hi - lo < 1e-4:
-            break
+    while hi - lo > 1e-4 and not any(fits(f) and f >= target * (1 - TARGET_TOLERANCE) for _, f in tried):
         mid = (lo + hi) / 2
-        candidate, fraction = planned(mid)
-        if abs(fraction / target - 1) < abs(reached / target - 1):
-            best, reached = candidate, fraction
-        lo, hi = (mid, hi) if fraction > target else (lo, mid)
-    verdict = "reached" if abs(reached / target - 1) <= TARGET_TOLERANCE else "could not reach within 1%; closest"
+        tried.append(planned(mid))
+        lo, hi = (mid, hi) if tried[-1][1] > target else (lo, mid)
+    fitting = [(chosen, f) for chosen, f in tried if fits(f)]
+    if fitting:
+        best, reached = max(fitting, key=lambda t: t[1])
+        above = min((f for _, f in tried if not fits(f)), default=None)
+        verdict = (
+            "reached"
+            if reached >= target * (1 - TARGET_TOLERANCE)
+            else "could not reach within 1%, as the counts fall in steps"
+            + (f" (the next step up keeps {above:.2%})" if above is not None else "")
+            + "; the closest plan within it keeps"
+        )
+    else:
+        best, reached = min(tried, key=lambda t: t[1])
+        verdict = "cannot get down to it; the smallest plan keeps"
     best.notes = [
         *best.notes,
         f"target {measure} {target:.1%} of the dense model: {verdict} {reached:.2%} at amount {best.amount:.4f}",
