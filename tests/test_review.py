@@ -21,6 +21,8 @@ import prunespec
 from prunespec import review
 from prunespec.schemas import decode_runs
 
+V1_0_SPEC = Path(__file__).parent / "data" / "v1.0" / "fork.unconstrained.prunespec.json"
+
 
 def _runs(commands: dict[str, list], folder: Path) -> dict[str, subprocess.CompletedProcess[str]]:
     folder.mkdir()
@@ -67,17 +69,31 @@ def test_show_counts_match_a_pruned_torchvision_model():
 
 
 def test_show_prints_text_markdown_and_json(specs, tmp_path):
-    runs = _runs({fmt: ["show", specs["a"], "--format", fmt] for fmt in review.FORMATS}, tmp_path / "runs")
+    commands = {fmt: ["show", specs["a"], "--format", fmt] for fmt in review.FORMATS}
+    runs = _runs(commands | {"v1.0": ["show", V1_0_SPEC]}, tmp_path / "runs")
     for result in runs.values():
         assert result.returncode == 0, result.stderr
     text, markdown = runs["text"].stdout, runs["markdown"].stdout
     # conv 0 loses outputs 0-2 (only conv 3 read them), so it keeps 5 of 8; conv 3 reads 5 of 8.
     assert any(line.split()[:4] == ["0", "Conv2d", "3", "8"] and "5" in line for line in text.splitlines())
-    assert "parameters:" in text and "MACs:" in text
-    assert "| 3 | Conv2d | 8 → 5 | 8 |" in markdown
+    assert "parameters:" in text and "MACs:" in text and review.PREDATES_LAYER_MACS not in text
+    # conv 3 on a 14x14 input gives 12x12 outputs: 144 x 8 outputs x (8 → 5 inputs) x 9 weights each
+    assert "| 3 | Conv2d | 8 → 5 | 8 | 576 → 360 | 82,944 → 51,840 | – |" in markdown
     data = json.loads(runs["json"].stdout)
     conv3 = next(layer for layer in data["layers"] if layer["name"] == "3")
     assert conv3["inputs"] == [8, 5] and data["summary"]["parameters_after"] < data["summary"]["parameters_before"]
+    assert conv3["macs"] == [82944, 51840] and data["notes"] == []
+    # A spec written before schema 1.1 has no per-layer MACs: a dash in each row, and one note.
+    old = runs["v1.0"].stdout
+    assert old.count(review.PREDATES_LAYER_MACS) == 1
+    assert all(line.split()[-2:] in (["–", "–"], ["–", "slice"], ["–", "gather"]) for line in _table_rows(old))
+
+
+def _table_rows(text: str) -> list[str]:
+    """The rows of the layer table that `show` prints as text, after its head."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("layer ")) + 1
+    return lines[start : lines.index("", start)]
 
 
 def test_diff_exit_status_and_report(specs, tmp_path):

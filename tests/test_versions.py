@@ -1,4 +1,4 @@
-"""Schema versions: every older version the reader knows is migrated and applied; newer ones are refused.
+"""Schema versions: every older version the reader knows is migrated, applied and shown; newer ones are refused.
 
 `tests/data/v<version>/` holds specs written by the last release of each older version (see `tests/data/README.md`).
 Each is read, migrated, applied with `prune`, and compared with a spec planned now for the same request.
@@ -18,6 +18,7 @@ from invariant import TOLERANCE, max_difference
 from nets import SMALL_NETS, build
 
 import prunespec
+from prunespec import review
 from prunespec.schemas import KNOWN_VERSIONS, SCHEMA_VERSION, decode_runs, load_spec_bytes
 
 DATA = Path(__file__).parent / "data"
@@ -67,6 +68,9 @@ def test_an_older_spec_is_migrated_and_prunes_like_a_spec_planned_now(path):
         got = prunespec.prune(copy.deepcopy(model), spec)(*inputs)
     assert max_difference(got, expected) <= TOLERANCE
 
+    for fmt in review.FORMATS:
+        assert spec.model in review.render_show(spec, fmt)
+
 
 @pytest.mark.parametrize("path", [p for p in STORED if p.parent.name == "v1.0"], ids=lambda p: p.name)
 def test_migrating_1_0_keeps_every_field_and_leaves_the_new_ones_absent(path):
@@ -74,6 +78,10 @@ def test_migrating_1_0_keeps_every_field_and_leaves_the_new_ones_absent(path):
     spec = load_spec_bytes(path.read_bytes())
     assert msgspec.to_builtins(spec) == {**raw, "schema_version": "1.1"}
     assert all(layer.macs is None and layer.input_activation_channels is None for layer in spec.layers.values())
+    assert review.predates_layer_macs(spec)
+    text = review.render_show(spec)
+    assert text.count(review.PREDATES_LAYER_MACS) == 1
+    assert all(row["macs"] is None for row in json.loads(review.render_show(spec, "json"))["layers"])
 
 
 def _planned_json() -> dict:
