@@ -181,7 +181,7 @@ def test_validate_reports_every_problem(specs, tmp_path):
         tmp_path / "runs",
     )
     assert runs["valid"].returncode == 0 and "valid (JSON Schema)" in runs["valid"].stdout
-    assert runs["valid_model"].returncode == 0 and f"model {TINY}" in runs["valid_model"].stdout
+    assert runs["valid_model"].returncode == 0 and f"model {TINY}, forward pass)" in runs["valid_model"].stdout
     broken_out = runs["broken"].stdout
     assert runs["broken"].returncode == 1 and "error: " in runs["broken"].stderr
     assert "summary/macs_after" in broken_out and "layers/3/tensors/weight/1" in broken_out
@@ -190,6 +190,33 @@ def test_validate_reports_every_problem(specs, tmp_path):
     wrong = runs["wrong_model"]
     assert wrong.returncode == 1
     assert wrong.stdout.count("fingerprint: tensor") >= 5, wrong.stdout  # conv 0, its bias and the batch norm
+
+
+def test_validate_runs_the_pruned_model_on_meta_tensors(specs, tmp_path):
+    data = json.loads(specs["a"].read_text())
+    del data["layers"]["0"], data["layers"]["1"]  # conv 3 now reads 8 channels where it takes 5
+    no_producer = tmp_path / "no_producer.json"
+    no_producer.write_text(json.dumps(data))
+    runs = _runs(
+        {
+            "no_producer": ["validate", no_producer, "--model", TINY],
+            "not_on_meta": ["validate", specs["a"], "--model", "models_for_cli:looks_at_values"],
+        },
+        tmp_path / "runs",
+    )
+    # Each layer fits on its own (conv 3 records the 5 channels it reads): only the forward pass shows the mistake.
+    assert runs["no_producer"].returncode == 1
+    (line,) = runs["no_producer"].stdout.splitlines()
+    assert line.startswith(
+        f"{no_producer}: forward pass on inputs 1x3x16x16: the pruned model fails in layer '3', called with shape "
+        "[1, 8, 14, 14]: RuntimeError: "  # then torch's own words
+    )
+    not_on_meta = runs["not_on_meta"]
+    assert not_on_meta.returncode == 0, not_on_meta.stderr
+    assert "note: the forward pass was not checked: the unpruned model does not run on the meta device" in (
+        not_on_meta.stdout
+    )
+    assert not_on_meta.stdout.rstrip().endswith("valid (JSON Schema, model models_for_cli:looks_at_values)")
 
 
 def test_validate_needs_a_model_for_weights(specs, tmp_path):
