@@ -20,7 +20,7 @@ from prunespec.schemas import SCHEMA_VERSION, PruningSpec, load_spec
 if TYPE_CHECKING:
     from prunespec.manager import PruningManager
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "SCHEMA_VERSION",

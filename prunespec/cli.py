@@ -16,7 +16,7 @@ import contextlib
 import copy
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -448,20 +448,32 @@ def validate_command(
     ] = None,
     weights: WeightsOption = None,
 ) -> None:
-    """Check SPEC against the JSON Schema and, with --model, against the model; report every problem found."""
+    """Check SPEC against the JSON Schema and, with --model, against the model and by running the pruned model once
+    on the meta device (shapes only); report every problem found."""
     with _reporting_errors():
         if weights is not None and model is None:
             raise CliError("--weights needs --model: the weights are loaded into that model")
         found = spec_problems(spec_path.read_bytes(), str(spec_path))
+        checked = ["JSON Schema"]
         if not found and model is not None:
             from prunespec.applier.validate import problems
 
-            found = problems(load_model(model, weights), prunespec.load_spec(spec_path))
+            spec = prunespec.load_spec(spec_path)
+            network = load_model(model, weights)
+            found = problems(network, spec)
+            checked.append(f"model {model}")
+            if not found:  # only a spec that fits the model can prune it for the forward pass
+                failure, unchecked = forward_problem(network, spec)
+                found += [failure] if failure else []
+                if unchecked:
+                    typer.echo(f"{spec_path}: note: the forward pass was not checked: {unchecked}")
+                else:
+                    checked.append("forward pass")
         for problem in found:
             typer.echo(f"{spec_path}: {problem}")
         if found:
             _fail(f"{spec_path}: {len(found)} problem(s)")
-        typer.echo(f"{spec_path}: valid (JSON Schema{', model ' + model if model else ''})")
+        typer.echo(f"{spec_path}: valid ({', '.join(checked)})")
 
 
 @app.command("schema")
@@ -494,8 +506,8 @@ def _reporting_errors(status: int = 1) -> Iterator[None]:
     except Exception as e:
         if _debug:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        _fail(f"unexpected {type(e).__name__}: {first} (run 'prunespec --debug ...' for the traceback)", status)
+        message = f"unexpected {type(e).__name__}: {_first_line(e)} (run 'prunespec --debug ...' for the traceback)"
+        _fail(message, status)
 
 
 def _message(error: BaseException) -> str:
@@ -541,6 +553,59 @@ def spec_problems(data: bytes, source: str) -> list[str]:
         except SpecError as e:
             found.append(str(e))
     return found
+
+
+def forward_problem(network: nn.Module, spec: prunespec.PruningSpec) -> tuple[str | None, str | None]:
+    """Run `network` pruned by `spec` once, on inputs of the spec's shapes: (what fails, or None; why the forward pass
+    could not be tried, or None).
+
+    It runs on the meta device, on shapes only, at no computing cost. `network` is moved there and pruned with
+    `build_pruned`: do not use it afterwards. The unpruned model runs first, because a forward that cannot run on
+    meta (it makes tensors on another device, or looks at values) says nothing about the spec.
+    """
+    if not spec.inputs:
+        return None, "the spec records no example inputs"
+    try:
+        inputs = [torch.empty(info.shape, dtype=_dtype(info.dtype), device="meta") for info in spec.inputs]
+    except SpecError as e:
+        return str(e), None
+    shapes = ", ".join("x".join(map(str, info.shape)) for info in spec.inputs)
+    model = network.to("meta").eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as e:  # whatever the model's own forward raises: it is the answer, not a bug here
+        return None, f"the unpruned model does not run on the meta device ({type(e).__name__}: {_first_line(e)})"
+    running: list[tuple[str, tuple]] = []  # (name, arguments) of each module whose forward has begun and not ended
+
+    def began(name: str) -> Callable[[nn.Module, tuple], None]:
+        return lambda module, args: running.append((name, args))  # None: the arguments stay as they are
+
+    def ended(module: nn.Module, args: tuple, output: object) -> None:  # None: the output stays as it is
+        running.pop()
+
+    for name, module in model.named_modules():
+        module.register_forward_pre_hook(began(name))
+        module.register_forward_hook(ended)
+    # The subselection indices are made on the CPU (see `build_pruned`); meta inputs need them on meta.
+    pruned = prunespec.build_pruned(model, spec).to("meta")
+    try:
+        with torch.no_grad():
+            pruned(*inputs)
+    except Exception as e:  # as above
+        where = ""
+        if running and running[-1][0]:  # the innermost module that was running failed
+            name, args = running[-1]
+            given = f", called with shape {list(args[0].shape)}" if args and isinstance(args[0], torch.Tensor) else ""
+            where = f" in layer {name!r}{given}"
+        failure = f"the pruned model fails{where}: {type(e).__name__}: {_first_line(e)}"
+        return f"forward pass on inputs {shapes}: {failure}", None
+    return None, None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _check_output_folder(output: Path) -> None:

@@ -1,10 +1,11 @@
 """Review: what a spec does (`show`) and how two specs differ (`diff`), read from the spec files alone.
 
 Start with `layer_rows`: one `LayerRow` per touched module, with its channels and tensor sizes before and after,
-worked out from the spec's fingerprint (the shapes before) and its kept indices (the sizes after). `render_show`
-prints them as text, markdown or JSON. `diff_specs` compares two specs layer by layer and tensor axis by tensor
-axis, by the *sets* of original indices they keep, so a reordering alone is told apart from a change of channels;
-`render_diff` prints the result, with a one-line verdict. Nothing here needs the model, torch or the planner.
+worked out from the spec's fingerprint (the shapes before) and its kept indices (the sizes after), and its MACs as
+the planner recorded them (since schema 1.1). `render_show` prints them as text, markdown or JSON. `diff_specs`
+compares two specs layer by layer and tensor axis by tensor axis, by the *sets* of original indices they keep, so a
+reordering alone is told apart from a change of channels; `render_diff` prints the result, with a one-line
+verdict. Nothing here needs the model, torch or the planner.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class LayerRow:
     inputs: tuple[int, int] | None  # input channels before, after
     outputs: tuple[int, int] | None  # output channels before, after
     elements: tuple[int, int]  # elements of the module's own tensors (parameters and buffers) before, after
+    macs: tuple[int, int] | None  # multiply-accumulates before, after; None: it does none, or the spec predates 1.1
     subselection: str  # "", "slice" (one contiguous run: a view) or "gather" (a memory copy at run time)
 
 
@@ -70,9 +72,10 @@ def layer_rows(spec: PruningSpec) -> list[LayerRow]:
     >>> from prunespec.schemas import LayerSpec, PruningSpec, Request, Summary
     >>> spec = PruningSpec(model="Net", inputs=[], request=Request([], [], False, True),
     ...     summary=Summary(0, 0, 0, 0, 1), fingerprint={"c.weight": "float32[8,4,3,3]", "c.bias": "float32[8]"},
-    ...     layers={"c": LayerSpec("Conv2d", {}, {"weight": ["0-5", "1-3"], "bias": ["0-5"]})})
-    >>> layer_rows(spec)[0]
-    LayerRow(name='c', type='Conv2d', inputs=(4, 3), outputs=(8, 6), elements=(296, 168), subselection='')
+    ...     layers={"c": LayerSpec("Conv2d", {}, {"weight": ["0-5", "1-3"], "bias": ["0-5"]}, macs=(288, 162))})
+    >>> row = layer_rows(spec)[0]
+    >>> row.inputs, row.outputs, row.elements, row.macs, row.subselection
+    ((4, 3), (8, 6), (296, 168), (288, 162), '')
     """
     rows = []
     for name, layer in spec.layers.items():
@@ -91,8 +94,21 @@ def layer_rows(spec: PruningSpec) -> list[LayerRow]:
             indices = decode_runs(layer.input.indices)
             contiguous = indices == list(range(indices[0], indices[0] + len(indices))) if indices else True
             subselection = "slice" if contiguous else "gather"
-        rows.append(LayerRow(name, layer.type, inputs, outputs, (elements_before, elements_after), subselection))
+        elements = (elements_before, elements_after)
+        rows.append(LayerRow(name, layer.type, inputs, outputs, elements, layer.macs, subselection))
     return rows
+
+
+def predates_layer_macs(spec: PruningSpec) -> bool:
+    """Whether the spec has no per-layer MACs because it was written before schema 1.1 recorded them.
+
+    Every spec planned since records MACs on each touched convolution and linear layer, and any pruned channel is
+    made or read by one, so a spec with layers but no MACs on any comes from an older version.
+    """
+    return bool(spec.layers) and all(layer.macs is None for layer in spec.layers.values())
+
+
+PREDATES_LAYER_MACS = "per-layer MACs: – (the spec was written before schema 1.1 and migrated; plan again for them)"
 
 
 def _channels(shape: list[int] | None, axes: list[str | None], axis: int | None) -> tuple[int, int] | None:
@@ -105,7 +121,7 @@ def _channels(shape: list[int] | None, axes: list[str | None], axis: int | None)
 def _arrow(pair: tuple[int, int] | None) -> str:
     if pair is None:
         return "–"
-    return f"{pair[0]}" if pair[0] == pair[1] else f"{pair[0]} → {pair[1]}"
+    return f"{pair[0]:,}" if pair[0] == pair[1] else f"{pair[0]:,} → {pair[1]:,}"
 
 
 def _mode(spec: PruningSpec) -> str:
@@ -139,6 +155,7 @@ def render_show(spec: PruningSpec, fmt: str = "text") -> str:
     """The summary `prunespec show` prints, as text, markdown or JSON."""
     rows = layer_rows(spec)
     s = spec.summary
+    notes = [PREDATES_LAYER_MACS] if predates_layer_macs(spec) else []
     if fmt == "json":
         data = {
             "model": spec.model,
@@ -149,12 +166,13 @@ def render_show(spec: PruningSpec, fmt: str = "text") -> str:
             "kept": [
                 {"tensor": k.tensor, "side": k.side, "channels": k.channels, "reason": k.reason} for k in spec.kept
             ],
+            "notes": notes,
         }
         return json.dumps(data, indent=2)
     markdown = fmt == "markdown"
-    head = ["layer", "type", "inputs", "outputs", "tensor elements", "subselection"]
-    body = [[r.name, r.type, _arrow(r.inputs), _arrow(r.outputs), _arrow(r.elements), r.subselection or "–"]
-            for r in rows]  # fmt: skip
+    head = ["layer", "type", "inputs", "outputs", "tensor elements", "MACs", "subselection"]
+    body = [[r.name, r.type, _arrow(r.inputs), _arrow(r.outputs), _arrow(r.elements), _arrow(r.macs),
+             r.subselection or "–"] for r in rows]  # fmt: skip
     gathers = sum(r.subselection == "gather" for r in rows)
     slices = sum(r.subselection == "slice" for r in rows)
     lines = [
@@ -168,6 +186,7 @@ def render_show(spec: PruningSpec, fmt: str = "text") -> str:
             f"layers touched: {len(rows)}; activation subselections: {s.subselections} ({slices} slices, {gathers} "
             "gathers: a gather copies the activation at run time)"
         ),
+        *notes,
     ]
     if spec.kept:
         lines += ["", f"kept {len(spec.kept)} requested group(s) of channels:"]

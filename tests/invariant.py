@@ -1,18 +1,23 @@
 """Shared checks for the invariant: prune(copy, spec)(x) == mock(model, spec)(x) in float64.
 
 `random_request` draws a random pruning pattern from a traced model with a fixed seed; `assert_invariant` plans,
-stores and reloads the spec, then compares the pruned model with the mock.
+stores and reloads the spec, then compares the pruned model with the mock, and the input activation sizes and MACs
+the spec records per layer with those measured on the running models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Callable, Iterator
 
 import torch
+from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import prunespec
+from prunespec.applier import rule_for
 from scripts import zoo
 
 TOLERANCE = 1e-12
@@ -41,10 +46,11 @@ def assert_invariant(model, inputs, tmp_path, tolerance: float = TOLERANCE, **pl
     assert stored == spec
 
     mock = prunespec.mock(model, stored)
-    with torch.no_grad():
-        expected = mock(*inputs)
-        pruned = prunespec.prune(copy.deepcopy(model), stored)
+    pruned = prunespec.prune(copy.deepcopy(model), stored)
+    with torch.no_grad(), _measuring(model) as unpruned_layers, _measuring(pruned) as pruned_layers:
+        expected = mock(*inputs)  # runs `model`'s modules
         actual = pruned(*inputs)
+    _assert_recorded_layers(stored, unpruned_layers, pruned_layers)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), f"{key} changed in the original model"
     for (key, a), (key2, b) in zip(model.state_dict().items(), pruned.state_dict().items(), strict=True):
@@ -55,3 +61,49 @@ def assert_invariant(model, inputs, tmp_path, tolerance: float = TOLERANCE, **pl
     n_params = sum(p.numel() for p in pruned.parameters())
     assert n_params == stored.summary.parameters_after
     return stored, pruned, diff
+
+
+@contextlib.contextmanager
+def _measuring(model: nn.Module) -> Iterator[dict[str, tuple[set[int], int]]]:
+    """For each convolution and linear layer called while inside: (the channels of the input activations it was
+    called with, its multiply-accumulates summed over calls), by name. Worked out here from the activations, not
+    the way the planner does."""
+    found: dict[str, tuple[set[int], int]] = {}
+
+    def called(name: str, module: nn.Module) -> tuple[Callable, Callable]:
+        def before(module, args) -> None:
+            found.setdefault(name, (set(), 0))[0].add(args[0].shape[rule_for(module).input_axis])
+
+        def after(module, args, out) -> None:
+            transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+            # Each output (input, for a transposed convolution) element takes one MAC per weight entry of its row.
+            macs = (args[0] if transposed else out).numel() * math.prod(module.weight.shape[1:])
+            widths, total = found[name]
+            found[name] = (widths, total + macs)
+
+        return before, after
+
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            before, after = called(name, module)
+            # prepend: the width as it arrives, before an activation subselection picks from it
+            handles += [module.register_forward_pre_hook(before, prepend=True), module.register_forward_hook(after)]
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _assert_recorded_layers(spec, unpruned: dict, pruned: dict) -> None:
+    """The spec's `input_activation_channels` and `macs` per layer agree with the running models."""
+    for name, layer in spec.layers.items():
+        if name not in pruned:  # not a convolution or linear layer, or its weight is used outside its forward
+            continue
+        widths, macs_after = pruned[name]
+        assert layer.macs == (unpruned[name][1], macs_after), name
+        if layer.input_activation_channels is not None:
+            assert widths == {layer.input_activation_channels}, name
+        else:  # a depthwise convolution: a per-channel user, not a consumer
+            assert layer.type.startswith("Conv") and layer.attributes["groups"] == layer.attributes["in_channels"], name

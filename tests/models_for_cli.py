@@ -1,11 +1,13 @@
 """Tiny models that the command-line tests name as `models_for_cli:CALLABLE`.
 
 `tiny_net` is the model most CLI tests plan and apply; `wider_net` has the same layer names with other shapes (to
-apply a spec to the wrong model); `not_a_model` returns something that is not a module.
+apply a spec to the wrong model); `looks_at_values` is `tiny_net` with a forward that cannot run on meta tensors;
+`not_a_model` returns something that is not a module.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -25,6 +27,17 @@ def tiny_net(width: int = 8) -> nn.Sequential:
 
 def wider_net() -> nn.Sequential:
     return tiny_net(width=12)
+
+
+class _LooksAtValues(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(x).all():  # a meta tensor has no values to look at
+            raise ValueError("the input has non-finite values")
+        return super().forward(x)
+
+
+def looks_at_values() -> nn.Sequential:
+    return _LooksAtValues(*tiny_net())
 
 
 def not_a_model() -> list[int]:

@@ -417,6 +417,11 @@ def _set(path, value):
     return edit
 
 
+def _all(*edits):
+    """Several spec edits, in order."""
+    return lambda spec: [edit(spec) for edit in edits]
+
+
 def _delete_fingerprint(key):
     return lambda spec: spec.fingerprint.pop(key)
 
@@ -499,6 +504,32 @@ BAD_SPECS = {
         _set(["layers", "1", "input"], Subselection(6, "0-5")),
         r"^layer '1': input: a BatchNorm2d takes no input subselection$",
     ),
+    # The data flow (schema 1.1): layer 4 is called with the 6 channels layer 0 keeps.
+    "input activation wider than the pruned weight reads": (
+        _set(["layers", "4", "input_activation_channels"], 8),
+        (
+            r"^layer '4': input_activation_channels: the layer is called with 8 channels but the pruned Conv2d reads "
+            "6, and it has no input subselection$"
+        ),
+    ),
+    "input activation wider than before pruning": (
+        _set(["layers", "4", "input_activation_channels"], 9),
+        r"^layer '4': input_activation_channels: 9, but the unpruned Conv2d reads only 8; pruning never widens",
+    ),
+    "input activation other than the subselection's": (
+        _all(
+            _set(["layers", "4", "input"], Subselection(7, "0-5")),
+            _set(["layers", "4", "input_activation_channels"], 6),
+        ),
+        r"^layer '4': input_activation_channels: 6, but the input subselection picks from input.channels=7$",
+    ),
+    "input activation of a batch norm": (
+        _set(["layers", "1", "input_activation_channels"], 6),
+        (
+            r"^layer '1': input_activation_channels: only a layer whose input the applier can change records it, "
+            "not a BatchNorm2d$"
+        ),
+    ),
 }
 
 
@@ -512,6 +543,31 @@ def test_bad_spec_raises_and_changes_nothing(edit, message):
         with pytest.raises(SpecError, match=message):
             apply(model, spec)
         assert_unchanged(before, snapshot(model))
+
+
+def test_input_activations_that_fit_the_data_flow_are_accepted():
+    model = randomize(Fork())
+    spec = fork_spec(model)
+    for name in ("stem", "a", "b", "fc"):
+        layer = spec.layers[name]
+        layer.input_activation_channels = 3 if name == "stem" else 7
+    assert_mock_matches_prune(model, spec, torch.randn(2, 3, 6, 6, dtype=torch.float64))
+
+
+def test_a_deleted_subselection_is_refused_by_the_data_flow():
+    """Each layer alone is consistent once the subselection is gone; only the activation size shows the mistake."""
+    model = randomize(Fork())
+    spec = fork_spec(model)
+    spec.layers["b"].input = None
+    pruned = prune(copy.deepcopy(model), spec)  # without the activation size nothing tells until the model runs
+    with pytest.raises(RuntimeError):
+        pruned(torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    spec.layers["b"].input_activation_channels = 7
+    before = snapshot(model)
+    with pytest.raises(SpecError, match=r"^layer 'b': input_activation_channels: the layer is called with 7 "
+                                        r"channels but the pruned Conv2d reads 3"):  # fmt: skip
+        prune(model, spec)
+    assert_unchanged(before, snapshot(model))
 
 
 def test_a_prior_subselection_is_not_stacked():

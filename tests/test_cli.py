@@ -21,7 +21,7 @@ from typer.testing import CliRunner, Result
 import prunespec
 from prunespec.cli import app, parse_channel_request, parse_shape
 from prunespec.models import ModelError, build_model, load_model
-from prunespec.schemas import json_schema
+from prunespec.schemas import SCHEMA_VERSION, json_schema
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -282,7 +282,7 @@ def test_weights_that_do_not_fit_are_one_line(tmp_path: Path) -> None:
 
 def test_more_apply_errors(tiny_spec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     future = tmp_path / "future.prunespec.json"
-    future.write_text(tiny_spec.read_text().replace('"schema_version": "1.0"', '"schema_version": "9.0"'))
+    future.write_text(tiny_spec.read_text().replace(f'"schema_version": "{SCHEMA_VERSION}"', '"schema_version": "9.0"'))
     monkeypatch.chdir(tmp_path)
     cases = [
         ([future, TINY, "-o", "out.pt2"], ["9.0"]),

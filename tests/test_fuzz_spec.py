@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -43,7 +44,9 @@ MODEL = _Fork()
 VALID = json.loads(
     prunespec.plan(MODEL, [torch.randn(1, 3, 8, 8)], pruned_inputs=[("body.3.weight", c) for c in (0, 2, 5)]).to_json()
 )
-assert any("input" in layer for layer in VALID["layers"].values())  # the fixture covers subselections
+# The fixture covers subselections and the fields of schema 1.1.
+assert any("input" in layer for layer in VALID["layers"].values())
+assert any({"input_activation_channels", "macs"} <= layer.keys() for layer in VALID["layers"].values())
 
 
 def _paths(value, path=()):
@@ -70,9 +73,11 @@ def mutated(draw) -> bytes:
         try:
             for key in path[:-1]:
                 parent = parent[key]
-            kind = draw(st.sampled_from(["replace", "delete", "extra"]))
+            kind = draw(st.sampled_from(["replace", "delete", "extra", "off by one"]))
             if kind == "replace":
                 parent[path[-1]] = draw(st.sampled_from(REPLACEMENTS))
+            elif kind == "off by one" and type(parent[path[-1]]) is int:  # a size or count that nearly fits
+                parent[path[-1]] += draw(st.sampled_from([-1, 1]))
             elif kind == "delete" and isinstance(parent, dict):
                 del parent[path[-1]]
             elif kind == "extra" and isinstance(parent, dict):
@@ -107,11 +112,24 @@ def test_a_mutated_spec_is_applied_correctly_or_refused_with_a_spec_error(data):
         assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
         assert not any(m._forward_pre_hooks for m in model.modules())
         return
-    # Accepted. A mutation can leave a spec that is consistent layer by layer yet not with the model's data flow
-    # (another channel order for one layer, a deleted input subselection): the spec does not record which layer
-    # feeds which, so no reader can tell, as with an edited checkpoint. Such a model fails or differs at run time.
+    # Accepted. A mutation can leave a spec that is consistent layer by layer, and with the input activation sizes
+    # it records, yet not with the model's data flow (another channel order for one layer, a producer that keeps
+    # channels its readers do not expect): the spec does not record which layer feeds which, so no reader of the
+    # spec alone can tell, as with an edited checkpoint. `prunespec validate --model` finds the second kind by
+    # running the pruned model on meta tensors; both fail or differ at run time.
 
 
 def _assert_one_line_naming_something(error: Exception) -> None:
     message = str(error)
     assert message and "\n" not in message and ":" in message, message
+
+
+def test_deleting_any_subselection_is_refused():
+    """The edit the data-flow check exists for: every layer is still consistent on its own, the forward pass is not."""
+    subselected = [name for name, layer in VALID["layers"].items() if "input" in layer]
+    for name in subselected:
+        data = copy.deepcopy(VALID)
+        del data["layers"][name]["input"]
+        spec = load_spec_bytes(json.dumps(data).encode())
+        with pytest.raises(prunespec.SpecError, match=rf"^layer '{name}': input_activation_channels: the layer is"):
+            prunespec.prune(copy.deepcopy(MODEL), spec)

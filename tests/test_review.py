@@ -21,6 +21,8 @@ import prunespec
 from prunespec import review
 from prunespec.schemas import decode_runs
 
+V1_0_SPEC = Path(__file__).parent / "data" / "v1.0" / "fork.unconstrained.prunespec.json"
+
 
 def _runs(commands: dict[str, list], folder: Path) -> dict[str, subprocess.CompletedProcess[str]]:
     folder.mkdir()
@@ -67,17 +69,31 @@ def test_show_counts_match_a_pruned_torchvision_model():
 
 
 def test_show_prints_text_markdown_and_json(specs, tmp_path):
-    runs = _runs({fmt: ["show", specs["a"], "--format", fmt] for fmt in review.FORMATS}, tmp_path / "runs")
+    commands = {fmt: ["show", specs["a"], "--format", fmt] for fmt in review.FORMATS}
+    runs = _runs(commands | {"v1.0": ["show", V1_0_SPEC]}, tmp_path / "runs")
     for result in runs.values():
         assert result.returncode == 0, result.stderr
     text, markdown = runs["text"].stdout, runs["markdown"].stdout
     # conv 0 loses outputs 0-2 (only conv 3 read them), so it keeps 5 of 8; conv 3 reads 5 of 8.
     assert any(line.split()[:4] == ["0", "Conv2d", "3", "8"] and "5" in line for line in text.splitlines())
-    assert "parameters:" in text and "MACs:" in text
-    assert "| 3 | Conv2d | 8 → 5 | 8 |" in markdown
+    assert "parameters:" in text and "MACs:" in text and review.PREDATES_LAYER_MACS not in text
+    # conv 3 on a 14x14 input gives 12x12 outputs: 144 x 8 outputs x (8 → 5 inputs) x 9 weights each
+    assert "| 3 | Conv2d | 8 → 5 | 8 | 576 → 360 | 82,944 → 51,840 | – |" in markdown
     data = json.loads(runs["json"].stdout)
     conv3 = next(layer for layer in data["layers"] if layer["name"] == "3")
     assert conv3["inputs"] == [8, 5] and data["summary"]["parameters_after"] < data["summary"]["parameters_before"]
+    assert conv3["macs"] == [82944, 51840] and data["notes"] == []
+    # A spec written before schema 1.1 has no per-layer MACs: a dash in each row, and one note.
+    old = runs["v1.0"].stdout
+    assert old.count(review.PREDATES_LAYER_MACS) == 1
+    assert all(line.split()[-2:] in (["–", "–"], ["–", "slice"], ["–", "gather"]) for line in _table_rows(old))
+
+
+def _table_rows(text: str) -> list[str]:
+    """The rows of the layer table that `show` prints as text, after its head."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("layer ")) + 1
+    return lines[start : lines.index("", start)]
 
 
 def test_diff_exit_status_and_report(specs, tmp_path):
@@ -165,7 +181,7 @@ def test_validate_reports_every_problem(specs, tmp_path):
         tmp_path / "runs",
     )
     assert runs["valid"].returncode == 0 and "valid (JSON Schema)" in runs["valid"].stdout
-    assert runs["valid_model"].returncode == 0 and f"model {TINY}" in runs["valid_model"].stdout
+    assert runs["valid_model"].returncode == 0 and f"model {TINY}, forward pass)" in runs["valid_model"].stdout
     broken_out = runs["broken"].stdout
     assert runs["broken"].returncode == 1 and "error: " in runs["broken"].stderr
     assert "summary/macs_after" in broken_out and "layers/3/tensors/weight/1" in broken_out
@@ -174,6 +190,33 @@ def test_validate_reports_every_problem(specs, tmp_path):
     wrong = runs["wrong_model"]
     assert wrong.returncode == 1
     assert wrong.stdout.count("fingerprint: tensor") >= 5, wrong.stdout  # conv 0, its bias and the batch norm
+
+
+def test_validate_runs_the_pruned_model_on_meta_tensors(specs, tmp_path):
+    data = json.loads(specs["a"].read_text())
+    del data["layers"]["0"], data["layers"]["1"]  # conv 3 now reads 8 channels where it takes 5
+    no_producer = tmp_path / "no_producer.json"
+    no_producer.write_text(json.dumps(data))
+    runs = _runs(
+        {
+            "no_producer": ["validate", no_producer, "--model", TINY],
+            "not_on_meta": ["validate", specs["a"], "--model", "models_for_cli:looks_at_values"],
+        },
+        tmp_path / "runs",
+    )
+    # Each layer fits on its own (conv 3 records the 5 channels it reads): only the forward pass shows the mistake.
+    assert runs["no_producer"].returncode == 1
+    (line,) = runs["no_producer"].stdout.splitlines()
+    assert line.startswith(
+        f"{no_producer}: forward pass on inputs 1x3x16x16: the pruned model fails in layer '3', called with shape "
+        "[1, 8, 14, 14]: RuntimeError: "  # then torch's own words
+    )
+    not_on_meta = runs["not_on_meta"]
+    assert not_on_meta.returncode == 0, not_on_meta.stderr
+    assert "note: the forward pass was not checked: the unpruned model does not run on the meta device" in (
+        not_on_meta.stdout
+    )
+    assert not_on_meta.stdout.rstrip().endswith("valid (JSON Schema, model models_for_cli:looks_at_values)")
 
 
 def test_validate_needs_a_model_for_weights(specs, tmp_path):

@@ -90,14 +90,6 @@ def test_bad_runs_are_spec_errors(bad):
         decode_runs(bad)
 
 
-def test_newer_major_version_is_refused_with_the_needed_version():
-    model, inputs = build("conv_conv")
-    data = json.loads(prunespec.plan(model, inputs, [("conv2.weight", 1)]).to_json())
-    data["schema_version"] = "2.0"
-    with pytest.raises(prunespec.SpecError, match="newer than this prunespec reads.*schema 2.x"):
-        load_spec_bytes(json.dumps(data).encode())
-
-
 RUNS_PIECES = ["0", "1", "7", "12", "007", "2147483647", "2147483648", ",", "-", "x", " ", "+", "_", "\u0663", "\n"]
 
 

@@ -6,6 +6,10 @@ not fit raises `SpecError` here and the model stays exactly as it was. Every mes
 
     layer 'layer1.0.conv1': tensor 'weight' axis 1: index 70 is out of range for size 64
 
+Layers are checked one by one, and against the data flow where the spec records it: a consumer's
+`input_activation_channels` (schema 1.1) must be what its pruned weight reads, or the size its subselection picks
+from, so that a spec whose layers are each consistent but do not fit together is refused before the model runs.
+
 Applying a spec should cost little more than copying the kept weights, so the index runs of all fields are decoded
 together up front (`_Decoder`, `_decode_together`), and each new tensor is made with one gather per pruned axis
 (`select_kept`). `decode_kept` is the plain one-field decoder that finds and words every problem.
@@ -180,8 +184,7 @@ def _check_layer(name: str, layer: LayerSpec, modules: dict[str, nn.Module], dec
         raise SpecError(f"{where}: type: the spec says {layer.type!r} but the model has {type(module).__name__!r}")
     change = LayerChange(name, module, rule_for(module))
 
-    # The module as it will be after pruning: all of its own tensors, the changed ones replaced.
-    tensors = {n: t for n, t in chain(module._parameters.items(), module._buffers.items()) if t is not None}
+    tensors = _own_tensors(module)  # the module as it will be after pruning: the changed ones are replaced below
     for tensor_name, axes in layer.tensors.items():
         if tensor_name not in tensors:
             raise SpecError(
@@ -209,14 +212,44 @@ def _check_layer(name: str, layer: LayerSpec, modules: dict[str, nn.Module], dec
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise SpecError(f"{where}: attribute {attribute!r}: {value!r} is not a non-negative integer")
     change.attributes = dict(layer.attributes)
-    after = {a: layer.attributes.get(a, getattr(module, a)) for a in change.rule.attributes}
+    before = {a: getattr(module, a) for a in change.rule.attributes}
+    after = {a: layer.attributes.get(a, value) for a, value in before.items()}
     problem = change.rule.check(after, tensors)
     if problem:
         raise SpecError(f"{where}: {problem}")
 
+    if layer.input_activation_channels is not None:
+        _check_input_activation(where, layer, module, change.rule, before, after, tensors)
     if layer.input is not None:
         change.input = _check_input(where, layer, module, change.rule, after, tensors, decode)
     return change
+
+
+def _check_input_activation(
+    where: str, layer: LayerSpec, module: nn.Module, rule: Rule, before, after, tensors
+) -> None:
+    """Check the layer against the activation it is called with, as the planner saw it in the data flow."""
+    where = f"{where}: input_activation_channels"
+    channels = layer.input_activation_channels
+    if rule.input_axis is None:
+        raise SpecError(f"{where}: only a layer whose input the applier can change records it, not a {layer.type}")
+    unpruned = rule.input_channels(before, _own_tensors(module))
+    if channels > unpruned:
+        raise SpecError(
+            f"{where}: {channels}, but the unpruned {layer.type} reads only {unpruned}; pruning never widens an input"
+        )
+    if layer.input is not None:
+        if layer.input.channels != channels:
+            raise SpecError(
+                f"{where}: {channels}, but the input subselection picks from input.channels={layer.input.channels}"
+            )
+        return
+    reads = rule.input_channels(after, tensors)
+    if reads != channels:
+        raise SpecError(
+            f"{where}: the layer is called with {channels} channels but the pruned {layer.type} reads {reads}, and "
+            "it has no input subselection"
+        )
 
 
 def _check_input(
@@ -245,6 +278,11 @@ def _check_input(
         indices=kept.indices.to(device, copy=True),
         start=kept.start,
     )
+
+
+def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's own parameters and buffers by local name."""
+    return {n: t for n, t in chain(module._parameters.items(), module._buffers.items()) if t is not None}
 
 
 @dataclass

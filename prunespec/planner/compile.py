@@ -2,8 +2,9 @@
 
 Start with `compile_spec`. For every tensor axis that runs along channels it writes the kept indices in their new
 order; for every consumer whose weight reads fewer channels than its input holds it writes an activation
-subselection; then the attributes each module needs (from the applier's rule for that module type), the request,
-the notes on kept channels, a fingerprint of the model and a summary of parameters and MACs.
+subselection; then the attributes each module needs (from the applier's rule for that module type), the width of
+each consumer's pruned input activation and each layer's MACs, the request, the notes on kept channels, a
+fingerprint of the model and a summary of parameters and MACs.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def compile_spec(
     tensors.update(model.named_buffers())
     kept: dict[str, dict[int, list[int]]] = defaultdict(dict)  # tensor name -> axis -> kept indices in order
     gathers: dict[str, Subselection] = {}  # module name -> subselection of its input
+    # module name -> channels of its pruned input activation: what the layer before it writes, from the data flow
+    activations: dict[str, int] = {}
 
     for binding in graph.bindings:
         indices = layout.positions(binding.slots)
@@ -52,12 +55,13 @@ def compile_spec(
             raise PlanError(f"{binding.tensor} axis {binding.axis} would need two different channel orders")
 
     for ci, consumer in enumerate(graph.consumers):
+        present = layout.positions(consumer.slots)
+        activations.setdefault(_module_of(consumer.weight), len(present))
         if consumer.fixed:
             continue  # it reads only pinned slots, all of them
         if consumer.per_group:  # channels are tied across groups: group 0 speaks for all
             kept[consumer.weight][consumer.axis] = sorted(c for c in resolution.columns[ci] if c < consumer.per_group)
             continue
-        present = layout.positions(consumer.slots)
         order = {p: i for i, p in enumerate(present)}
         columns = [p for p in present if p in resolution.columns[ci]]
         kept[consumer.weight][consumer.axis] = columns
@@ -66,12 +70,13 @@ def compile_spec(
             gathers[_module_of(consumer.weight)] = Subselection(len(present), encode_runs(reads))
 
     new_shapes = {name: _shape(tensors[name], axes) for name, axes in kept.items()}
-    layers = _layers(model, tensors, kept, new_shapes, gathers)
+    macs = _macs(graph, tensors, new_shapes)
+    layers = _layers(model, tensors, kept, new_shapes, gathers, activations, macs)
     return PruningSpec(
         model=type(model).__name__,
         inputs=[InputInfo(list(x.shape), _dtype(x)) for x in inputs],
         request=request,
-        summary=_summary(model, graph, tensors, new_shapes, len(gathers)),
+        summary=_summary(model, new_shapes, macs, len(gathers)),
         layers=layers,
         fingerprint={name: f"{_dtype(t)}[{','.join(map(str, t.shape))}]" for name, t in model.state_dict().items()},
         kept=[KeptChannels(n.tensor, n.side, encode_runs(n.channels), n.reason) for n in resolution.notes],
@@ -79,8 +84,13 @@ def compile_spec(
     )
 
 
-def _layers(model, tensors, kept, new_shapes, gathers) -> dict[str, LayerSpec]:
-    """One LayerSpec per touched module, in `named_modules()` order; untouched axes are left out."""
+def _layers(model, tensors, kept, new_shapes, gathers, activations, macs) -> dict[str, LayerSpec]:
+    """One LayerSpec per touched module, in `named_modules()` order; untouched axes are left out.
+
+    A module takes `input_activation_channels` only where the applier has a rule for its input (convolutions and
+    linear layers): a multi-head attention reads its input through a weight of its own, but the applier cannot
+    change what it reads.
+    """
     touched: dict[str, dict[str, list[str | None]]] = defaultdict(dict)
     # Tensors bound to one list of slots share one list of indices: write its runs once.
     written: dict[tuple[int, int], tuple[list[int], str | None]] = {}  # (id(indices), size) -> (indices, runs)
@@ -103,25 +113,35 @@ def _layers(model, tensors, kept, new_shapes, gathers) -> dict[str, LayerSpec]:
         if module_name not in touched and module_name not in gathers:
             continue
         own = {local: new_shapes.get(_join(module_name, local), tuple(t.shape)) for local, t in _own(module)}
+        rule = rule_for(module)
         layers[module_name] = LayerSpec(
             type=type(module).__name__,
-            attributes=rule_for(module).derive(module, own),
+            attributes=rule.derive(module, own),
             tensors=dict(sorted(touched.get(module_name, {}).items(), key=lambda kv: _own_order(module, kv[0]))),
             input=gathers.get(module_name),
+            input_activation_channels=activations.get(module_name) if rule.input_axis is not None else None,
+            macs=macs.get(module_name),
         )
     return layers
 
 
-def _summary(model, graph: ChannelGraph, tensors, new_shapes, subselections: int) -> Summary:
-    params = {id(p): (name, p) for name, p in model.named_parameters()}.values()
-    before = sum(p.numel() for _, p in params)
-    after = sum(math.prod(new_shapes.get(name, p.shape)) for name, p in params)
-    macs_before = macs_after = 0
+def _macs(graph: ChannelGraph, tensors, new_shapes) -> dict[str, tuple[int, int]]:
+    """Multiply-accumulates before and after pruning, per module that does any, in trace order."""
+    per_module: dict[str, tuple[int, int]] = {}
     for m in graph.macs:
         old = tensors[m.weight].shape
         new = new_shapes.get(m.weight, old)
-        macs_before += m.unit * old[0] * old[1]
-        macs_after += m.unit * new[0] * new[1]
+        before, after = per_module.get(_module_of(m.weight), (0, 0))
+        per_module[_module_of(m.weight)] = (before + m.unit * old[0] * old[1], after + m.unit * new[0] * new[1])
+    return per_module
+
+
+def _summary(model, new_shapes, macs: dict[str, tuple[int, int]], subselections: int) -> Summary:
+    params = {id(p): (name, p) for name, p in model.named_parameters()}.values()
+    before = sum(p.numel() for _, p in params)
+    after = sum(math.prod(new_shapes.get(name, p.shape)) for name, p in params)
+    macs_before = sum(b for b, _ in macs.values())
+    macs_after = sum(a for _, a in macs.values())
     return Summary(before, after, macs_before, macs_after, subselections)
 
 

@@ -25,9 +25,9 @@ import msgspec
 
 from prunespec.errors import SpecError
 
-SCHEMA_VERSION = "1.0"
-# Earlier versions this reader can migrate; see `_migrate`.
-KNOWN_VERSIONS = ("1.0",)
+SCHEMA_VERSION = "1.1"
+# Every version this reader reads, oldest first; see `_migrate` for the policy.
+KNOWN_VERSIONS = ("1.0", "1.1")
 # An index above this is not a channel of any real model; refusing it early keeps hostile files cheap to reject.
 MAX_INDEX = 2**31 - 1
 
@@ -41,6 +41,7 @@ IndexRuns = Annotated[
         description="Channel indices as comma-separated runs: '0-4,7' is [0, 1, 2, 3, 4, 7], in that order.",
     ),
 ]
+Count = Annotated[int, msgspec.Meta(ge=0)]
 TensorType = Annotated[
     str,
     msgspec.Meta(
@@ -57,7 +58,7 @@ class _Struct(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False):
 class InputInfo(_Struct):
     """One example input the spec was planned with."""
 
-    shape: list[Annotated[int, msgspec.Meta(ge=0)]]
+    shape: list[Count]
     dtype: str
 
 
@@ -95,21 +96,33 @@ class Subselection(_Struct):
     positions in it that the consumer reads, in the order of its pruned weight.
     """
 
-    channels: Annotated[int, msgspec.Meta(ge=0)]
+    channels: Count
     indices: IndexRuns
 
 
 class LayerSpec(_Struct, omit_defaults=True):
-    """Everything the applier does to one module.
+    """Everything the applier does to one module, and what the planner measured about it.
 
     `tensors` maps the module's own parameter and buffer names to the kept indices per axis (``null`` for an axis
     that is not touched). `attributes` are the module attributes to set (``in_channels``, ``groups``, ...).
+
+    Since schema 1.1, two optional fields (absent in specs migrated from 1.0):
+
+    - `input_activation_channels`, on consumers (convolutions, linear layers): the size of the activation the
+      pruned layer is called with, along its channel axis. It equals `input.channels` when the layer has an
+      activation subselection, and otherwise the channels its pruned weight reads (``in_channels``,
+      ``in_features``). The planner takes it from the traced data flow, not from the layer's own tensors, so the
+      applier can refuse a spec whose layers are consistent one by one but not with what flows between them.
+    - `macs`: multiply-accumulates of the layer for the example inputs, before and after pruning; only on layers
+      that do multiply-accumulates (convolutions, linear layers, attention projections).
     """
 
     type: str
-    attributes: dict[str, Annotated[int, msgspec.Meta(ge=0)]] = msgspec.field(default_factory=dict)
+    attributes: dict[str, Count] = msgspec.field(default_factory=dict)
     tensors: dict[str, list[IndexRuns | None]] = msgspec.field(default_factory=dict)
     input: Subselection | None = None
+    input_activation_channels: Count | None = None
+    macs: tuple[Count, Count] | None = None
 
 
 class Summary(_Struct):
@@ -363,20 +376,63 @@ def _check_runs_are_well_formed(spec: PruningSpec, source: str) -> None:
 
 
 def _migrate(raw: dict[str, Any], source: str) -> dict[str, Any]:
-    """Bring an older spec up to `SCHEMA_VERSION`; refuse newer majors with the version that would read them."""
+    """Bring a spec of any version in `KNOWN_VERSIONS` up to `SCHEMA_VERSION`, one step per version.
+
+    The policy. Versions are ``MAJOR.MINOR``. A new minor version only adds optional fields, so its migration
+    step can leave them absent; its docstring says what an older file cannot supply. A new major version may change
+    or remove fields, and its step rewrites them. Every version this reader has written stays readable, and
+    `tests/test_versions.py` reads a stored spec of each.
+
+    A version newer than this reader, a newer *minor* version included, is refused with the prunespec release that
+    wrote the file: its new fields may change what the applier must do (the Structs forbid unknown fields for
+    this reason), and applying it without them could build a wrong model without a word.
+
+    >>> _migrate({"schema_version": "1.0", "generator": "prunespec 0.1.0"}, "spec")["schema_version"]
+    '1.1'
+    >>> _migrate({"schema_version": "1.2", "generator": "prunespec 0.3.0"}, "spec")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    prunespec.errors.SpecError: spec: schema_version 1.2 is newer than this prunespec reads (1.1); upgrade to ...
+    """
     version = raw.get("schema_version")
-    if not isinstance(version, str) or not re.fullmatch(r"[0-9]+\.[0-9]+", version):
+    if not isinstance(version, str) or not re.fullmatch(r"[0-9]{1,9}\.[0-9]{1,9}", version):
         raise SpecError(f"{source}: 'schema_version' must be a string like {SCHEMA_VERSION!r}, got {version!r}")
-    major, minor = (int(p) for p in version.split("."))
-    ours_major, ours_minor = (int(p) for p in SCHEMA_VERSION.split("."))
-    if major > ours_major or (major == ours_major and minor > ours_minor):
+    if _version_key(version) > _version_key(SCHEMA_VERSION):
+        writer = raw.get("generator")
+        release = re.fullmatch(r"prunespec ([0-9][0-9A-Za-z.+-]{0,40})", writer) if isinstance(writer, str) else None
+        needed = f"prunespec {release[1]} (which wrote it) or later" if release else "a release that reads it"
         raise SpecError(
             f"{source}: schema_version {version} is newer than this prunespec reads ({SCHEMA_VERSION}); "
-            f"upgrade prunespec to a release that writes schema {major}.x"
+            f"upgrade to {needed}"
         )
     if version not in KNOWN_VERSIONS:
         raise SpecError(f"{source}: unknown schema_version {version}; known versions are {', '.join(KNOWN_VERSIONS)}")
+    for older, step in _MIGRATIONS.items():
+        if _version_key(older) >= _version_key(version):
+            raw = step(raw)
     return raw
+
+
+def _version_key(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")
+    return int(major), int(minor)
+
+
+def _from_1_0(raw: dict[str, Any]) -> dict[str, Any]:
+    """1.0 -> 1.1: layers gain `input_activation_channels` and `macs` (see `LayerSpec`); both stay absent.
+
+    Lost: neither can be worked out from a 1.0 file. The activation sizes come from the traced data flow and the
+    MACs from the example inputs' spatial sizes, which a spec does not hold. (A layer with a subselection has its
+    activation size in `input.channels`, but a record of some consumers and not others would only look complete.)
+    So a migrated spec is applied with the per-layer checks of 1.0 (a layer that disagrees with the data flow is
+    found when the model runs, or by `prunespec validate --model`), and `show` has no per-layer MACs for it.
+    Planning again records both.
+    """
+    return {**raw, "schema_version": "1.1"}
+
+
+# The step from each version to the next, oldest first; a new version adds one entry here and one to KNOWN_VERSIONS.
+_MIGRATIONS = {"1.0": _from_1_0}
 
 
 def json_schema() -> dict[str, Any]:
