@@ -377,3 +377,13 @@ def test_a_budget_out_of_reach_says_so_and_stays_within_it():
     reached = s.macs_after / s.macs_before
     assert reached <= 0.7 * 1.01
     assert "could not reach within 1%" in selection.notes[-1] and f"{reached:.2%}" in selection.notes[-1]
+
+
+def test_calibration_batches_that_do_not_fit_are_one_plan_error():
+    net = chain()
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(PlanError, match=r"calibration batch 1 \(shape \[2, 5, 4, 4\]\) does not run") as info:
+        prunespec.select(net, X, "hrank", 0.5, calibration=[X, torch.randn(2, 5, 4, 4, dtype=torch.float64)])
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert all(not m._forward_pre_hooks for m in net.modules())

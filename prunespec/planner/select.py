@@ -390,8 +390,16 @@ def _feature_scores(model, groups: list[Group], batches, progress, notes) -> lis
     try:
         model.eval()
         with torch.no_grad():
-            for batch in progress(batches) if progress else batches:
-                model(*([batch] if isinstance(batch, torch.Tensor) else batch))
+            for i, batch in enumerate(progress(batches) if progress else batches):
+                args = [batch] if isinstance(batch, torch.Tensor) else list(batch)
+                try:
+                    model(*args)
+                except Exception as e:  # the user's batches do not fit the model: say which, in one line
+                    shapes = ", ".join(str(list(a.shape)) for a in args if isinstance(a, torch.Tensor))
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise PlanError(
+                        f"calibration batch {i} (shape {shapes}) does not run through the model: {first}"
+                    ) from e
     finally:
         for handle in handles:
             handle.remove()
