@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from prunespec.applier import build_pruned, mock, prune
+from prunespec.applier import build_pruned, fold_norms, mock, prune
 from prunespec.errors import PlanError, SpecError
 from prunespec.schemas import SCHEMA_VERSION, PruningSpec, load_spec
 
 if TYPE_CHECKING:
     from prunespec.manager import PruningManager
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -29,6 +29,7 @@ __all__ = [
     "PruningSpec",
     "SpecError",
     "build_pruned",
+    "fold_norms",
     "load_spec",
     "mock",
     "plan",

@@ -343,6 +343,14 @@ def apply_command(
     tolerance: Annotated[
         float, typer.Option("--tolerance", metavar="FLOAT", help="Largest difference --verify accepts.")
     ] = 1e-9,
+    fold: Annotated[
+        bool,
+        typer.Option(
+            "--fold-norms",
+            help="For inference: fold the batch norms the spec lists into the layers before them (the state dict "
+            "loses their keys).",
+        ),
+    ] = False,
 ) -> None:
     """Apply SPEC to MODEL and write the result: an exported program (.pt2) or a state dict."""
     with _reporting_errors():
@@ -354,17 +362,21 @@ def apply_command(
                 "--mock with a .safetensors output would save the original tensor shapes; "
                 "write the mock as .pt2, or drop --mock to save the pruned state dict"
             )
+        if mock and fold:
+            raise CliError("--mock keeps the model's layers as they are; drop --fold-norms, or --mock")
         _check_output_folder(output)
 
         spec = prunespec.load_spec(spec_path)
         network = load_model(model, weights)
         original = copy.deepcopy(network) if verify else None
-        result = prunespec.mock(network, spec) if mock else prunespec.prune(network, spec)
+        result = prunespec.mock(network, spec) if mock else prunespec.prune(network, spec, fold_norms=fold)
 
         if original is not None:
-            # Verify on separate copies: the output keeps its own dtype, and a failure writes nothing.
+            # Verify on separate copies: the output keeps its own dtype, and a failure writes nothing. Norms are
+            # folded in float64 too, so that the check sees the plan, not the rounding of folded float32 weights.
+            pruned = prunespec.prune(copy.deepcopy(original), spec).double()
             difference = _max_difference(
-                pruned=prunespec.prune(copy.deepcopy(original), spec),
+                pruned=prunespec.fold_norms(pruned, spec) if fold else pruned,
                 mocked=prunespec.mock(original, spec),
                 inputs=example_inputs(spec, torch.float64),
             )
@@ -373,7 +385,8 @@ def apply_command(
                 raise CliError(f"the pruned model differs from the mock by {difference:.1e} > tolerance {tolerance:g}")
 
         _write_model(result, spec, output)
-        typer.echo(f"wrote {output} ({'mock' if mock else 'pruned'} model)")
+        folded = f", {len(spec.norm_folds)} batch norms folded" if fold else ""
+        typer.echo(f"wrote {output} ({'mock' if mock else 'pruned'} model{folded})")
 
 
 @app.command("apply-checkpoint")

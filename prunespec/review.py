@@ -166,6 +166,7 @@ def render_show(spec: PruningSpec, fmt: str = "text") -> str:
             "kept": [
                 {"tensor": k.tensor, "side": k.side, "channels": k.channels, "reason": k.reason} for k in spec.kept
             ],
+            "norm_folds": [{"norm": f.norm, "into": f.into} for f in spec.norm_folds],
             "notes": notes,
         }
         return json.dumps(data, indent=2)
@@ -186,6 +187,7 @@ def render_show(spec: PruningSpec, fmt: str = "text") -> str:
             f"layers touched: {len(rows)}; activation subselections: {s.subselections} ({slices} slices, {gathers} "
             "gathers: a gather copies the activation at run time)"
         ),
+        f"batch norms that can be folded for inference (apply --fold-norms): {len(spec.norm_folds)}",
         *notes,
     ]
     if spec.kept:

@@ -1,11 +1,13 @@
 """Apply a pruning spec to a model: check it, emulate it (`mock`), or prune in place (`prune`).
 
 Reading order: `validate.check` (everything a spec must satisfy, and the changes it implies), `prune.prune` (assign
-those changes), `mock.mock` (the same result computed by zeroing instead of removing), and `rules` (one small rule
-per module type, which is where a new layer type is taught). This package imports only torch, msgspec, the
-standard library, `prunespec.schemas` and `prunespec.errors`, never the planner.
+those changes), `mock.mock` (the same result computed by zeroing instead of removing), `rules` (one small rule per
+module type, which is where a new layer type is taught), and `fold` (batch norms folded into the layer before them,
+for inference). This package imports only torch, msgspec, the standard library, `prunespec.schemas` and
+`prunespec.errors`, never the planner.
 """
 
+from prunespec.applier.fold import fold_norms
 from prunespec.applier.mock import MockPrunedModel, mock
 from prunespec.applier.prune import InputSubselection, build_pruned, prune
 from prunespec.applier.rules import GENERIC, RULES, Rule, register, rule_for
@@ -23,6 +25,7 @@ __all__ = [
     "check",
     "describe",
     "fingerprint",
+    "fold_norms",
     "mock",
     "prune",
     "register",

@@ -2,7 +2,8 @@
 
 Start with `prune`: it asks `validate.check` for every change first (so a bad spec changes nothing), then swaps in
 the smaller tensors, sets the attributes, and installs `InputSubselection` on consumers that read only some
-channels of their input. The state_dict keys stay the same; only shapes shrink.
+channels of their input. The state_dict keys stay the same; only shapes shrink (unless batch norms are folded,
+for inference: see `fold`).
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ from typing import Any
 
 from torch import nn
 
+from prunespec.applier.fold import check_folds, fold
 from prunespec.applier.validate import INDICES_BUFFER, InputGather, check
 from prunespec.schemas import PruningSpec
 
 
-def prune(model: nn.Module, spec: PruningSpec) -> nn.Module:
+def prune(model: nn.Module, spec: PruningSpec, fold_norms: bool = False) -> nn.Module:
     """Apply `spec` to `model` in place and return it; raise `SpecError` and leave it untouched if it does not fit.
 
-    Pruned parameters are new `nn.Parameter` objects (same `requires_grad`), so build optimizers afterwards.
+    Pruned parameters are new `nn.Parameter` objects (same `requires_grad`), so build optimizers afterwards. With
+    `fold_norms`, the batch norms the spec lists in `norm_folds` are folded into the layers before them, for
+    inference (see `fold`): the model then runs one layer fewer per norm, and its state_dict loses their keys.
 
     >>> from prunespec.schemas import LayerSpec, PruningSpec, Request, Summary
     >>> from prunespec.applier.validate import fingerprint
@@ -29,7 +33,9 @@ def prune(model: nn.Module, spec: PruningSpec) -> nn.Module:
     >>> prune(model, spec)
     Linear(in_features=4, out_features=2, bias=True)
     """
-    for change in check(model, spec):
+    changes = check(model, spec)
+    folds = check_folds(model, spec, changes) if fold_norms else []
+    for change in changes:
         module = change.module
         for name, tensor in change.tensors.items():
             if name in module._parameters:
@@ -40,16 +46,17 @@ def prune(model: nn.Module, spec: PruningSpec) -> nn.Module:
         change.rule.set_attributes(module, change.attributes)
         if change.input is not None:
             _install_subselection(module, change.input)
+    fold(folds)
     return model
 
 
-def build_pruned(model: nn.Module, spec: PruningSpec) -> nn.Module:
+def build_pruned(model: nn.Module, spec: PruningSpec, fold_norms: bool = False) -> nn.Module:
     """Reshape an unpruned `model` to the architecture `spec` describes, to load a pruned checkpoint into it.
 
     This is `prune` for deployment without the original weights: build the model on the meta device, so that
     nothing is allocated or computed, reshape it, and load the pruned state dict with ``assign=True``. The
     activation subselections' indices are not part of a state dict, so they are made on the CPU; `.to(device)`
-    moves them with the model. No tracing, no planner.
+    moves them with the model. No tracing, no planner. Pass the `fold_norms` that the checkpoint was saved with.
 
     >>> import torch
     >>> from prunespec.schemas import LayerSpec, PruningSpec, Request, Summary
@@ -66,7 +73,7 @@ def build_pruned(model: nn.Module, spec: PruningSpec) -> nn.Module:
     >>> model(torch.ones(1, 4))
     tensor([[4., 4.]], grad_fn=<AddmmBackward0>)
     """
-    return prune(model, spec)
+    return prune(model, spec, fold_norms)
 
 
 class InputSubselection:
@@ -105,4 +112,3 @@ class InputSubselection:
 def _install_subselection(module: nn.Module, gather: InputGather) -> None:
     module.register_buffer(INDICES_BUFFER, gather.indices, persistent=False)
     module.register_forward_pre_hook(InputSubselection(gather.axis, gather.start, len(gather.indices)))
-

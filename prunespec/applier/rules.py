@@ -30,6 +30,10 @@ class Rule:
 
     attributes: frozenset[str] = frozenset()
     input_axis: int | None = None
+    absorbs = False
+    """A layer whose weight's axis 0 makes its output channels: a batch norm after it can be folded into it."""
+    folds = False
+    """A batch norm: for inference, a per-channel scale and shift (`affine`) that can be folded into the layer before."""
 
     def check(self, attributes: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str | None:
         """A problem with the pruned module, or None when its attributes agree with its tensor shapes."""
@@ -48,6 +52,27 @@ class Rule:
         for name, value in attributes.items():
             setattr(module, name, value)
 
+    def affine(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """A norm's per-channel ``(scale, shift)`` in eval mode: it computes ``x * scale + shift``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be folded")
+
+    def absorb(self, module: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Fold ``y * scale + shift``, per output channel, into the module's weight and bias (new parameters).
+
+        >>> conv = nn.Conv2d(1, 2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = conv.weight.fill_(3.0)
+        ...     rule_for(conv).absorb(conv, torch.tensor([2.0, 0.5]), torch.tensor([1.0, -1.0]))
+        >>> conv.weight.flatten().tolist(), conv.bias.tolist()
+        ([6.0, 1.5], [1.0, -1.0])
+        """
+        if not self.absorbs:
+            raise NotImplementedError(f"{type(self).__name__} cannot absorb a norm")
+        weight, bias = module.weight, module.bias
+        folded_bias = shift if bias is None else bias * scale + shift
+        module.weight = nn.Parameter(weight * scale.view(-1, *[1] * (weight.dim() - 1)), weight.requires_grad)
+        module.bias = nn.Parameter(folded_bias, weight.requires_grad)
+
 
 class ConvRule(Rule):
     """Conv1d/2d/3d and their transposed forms, grouped and depthwise included.
@@ -61,6 +86,7 @@ class ConvRule(Rule):
     def __init__(self, spatial_dims: int, transposed: bool = False):
         self.input_axis = -(spatial_dims + 1)
         self.transposed = transposed
+        self.absorbs = not transposed  # a transposed weight's axis 0 holds its inputs
 
     def check(self, attributes, tensors):
         in_channels, out_channels, groups = (attributes[k] for k in ("in_channels", "out_channels", "groups"))
@@ -98,6 +124,7 @@ class LinearRule(Rule):
 
     attributes = frozenset({"in_features", "out_features"})
     input_axis = -1
+    absorbs = True
 
     def check(self, attributes, tensors):
         weight = tensors["weight"]
@@ -128,6 +155,27 @@ class PerChannelNormRule(Rule):
 
     def derive(self, module, shapes):
         return {"num_features": shapes["running_mean"][0] if "running_mean" in shapes else shapes["weight"][0]}
+
+
+class BatchNormRule(PerChannelNormRule):
+    """Batch norms: in eval mode a fixed per-channel scale and shift, which can be folded into the layer before."""
+
+    folds = True
+
+    def affine(self, module):
+        """``(scale, shift)`` from the running statistics.
+
+        >>> bn = nn.BatchNorm1d(2, eps=0.0).eval()
+        >>> bn.running_var.fill_(4.0), bn.running_mean.fill_(1.0)  # doctest: +ELLIPSIS
+        (...)
+        >>> [t.tolist() for t in rule_for(bn).affine(bn)]
+        [[0.5, 0.5], [-0.5, -0.5]]
+        """
+        scale = torch.rsqrt(module.running_var + module.eps)
+        if module.weight is not None:
+            scale = scale * module.weight
+        shift = -module.running_mean * scale
+        return scale, shift if module.bias is None else shift + module.bias
 
 
 class PReLURule(Rule):
@@ -161,6 +209,21 @@ def register(module_type: type, rule: Rule) -> None:
     RULES[module_type] = rule
 
 
+def runs_own_forward(module: nn.Module) -> bool:
+    """True when the module runs the `forward` of the class its rule was written for, not an override.
+
+    Folding relies on how a layer uses its weight and bias, which only the plain forward guarantees.
+
+    >>> class Scaled(nn.Conv2d):
+    ...     def forward(self, x):
+    ...         return 2 * super().forward(x)
+    >>> runs_own_forward(nn.Conv2d(1, 1, 1)), runs_own_forward(Scaled(1, 1, 1))
+    (True, False)
+    """
+    cls = next((c for c in type(module).__mro__ if c in RULES), None)
+    return cls is not None and type(module).forward is cls.forward
+
+
 def rule_for(module: nn.Module) -> Rule:
     """The rule of the nearest class in the module's MRO that has one; `GENERIC` otherwise.
 
@@ -181,8 +244,9 @@ for _dims, (_conv, _transposed) in enumerate(
     register(_conv, ConvRule(_dims))
     register(_transposed, ConvRule(_dims, transposed=True))
 register(nn.Linear, LinearRule())
-for _norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
-    register(_norm, PerChannelNormRule())
+for _norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+    register(_norm, BatchNormRule())
+register(nn.SyncBatchNorm, PerChannelNormRule())  # its forward is not the plain eval-mode batch norm
 for _norm in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
     register(_norm, PerChannelNormRule())
 register(nn.PReLU, PReLURule())

@@ -26,6 +26,7 @@ import msgspec
 import torch
 from torch import nn
 
+from prunespec.applier.fold import check_fold
 from prunespec.applier.rules import Rule, rule_for
 from prunespec.errors import SpecError, nearest
 from prunespec.schemas import SCHEMA_VERSION, LayerSpec, PruningSpec, parse_runs, well_formed_runs
@@ -159,6 +160,7 @@ def problems(model: nn.Module, spec: PruningSpec) -> list[str]:
     """Every way `spec` does not fit `model`, one message each; empty exactly when `check` would pass.
 
     Unlike `check`, it goes on after a problem, so a reviewer sees all of them at once. The model is not modified.
+    The spec's `norm_folds` are checked too, although only `prune(..., fold_norms=True)` needs them.
     """
     found = []
     if spec.schema_version != SCHEMA_VERSION:
@@ -166,12 +168,18 @@ def problems(model: nn.Module, spec: PruningSpec) -> list[str]:
     found += fingerprint_problems(model, spec.fingerprint)
     modules = dict(model.named_modules())
     decoder = _Decoder(_index_fields(spec, modules))
+    pruned = {}
     with torch.no_grad():
         for name, layer in spec.layers.items():
             try:
-                _check_layer(name, layer, modules, decoder)
+                pruned[name] = _check_layer(name, layer, modules, decoder).tensors
             except SpecError as e:
                 found.append(str(e))
+    for i, entry in enumerate(spec.norm_folds):
+        try:
+            check_fold(i, entry, modules, pruned)
+        except SpecError as e:
+            found.append(str(e))
     return found
 
 

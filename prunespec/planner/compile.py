@@ -4,7 +4,7 @@ Start with `compile_spec`. For every tensor axis that runs along channels it wri
 order; for every consumer whose weight reads fewer channels than its input holds it writes an activation
 subselection; then the attributes each module needs (from the applier's rule for that module type), the width of
 each consumer's pruned input activation and each layer's MACs, the request, the notes on kept channels, a
-fingerprint of the model and a summary of parameters and MACs.
+fingerprint of the model, a summary of parameters and MACs, and the batch norms that can be folded.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from prunespec.schemas import (
     InputInfo,
     KeptChannels,
     LayerSpec,
+    NormFold,
     PruningSpec,
     Request,
     Subselection,
@@ -80,6 +81,7 @@ def compile_spec(
         layers=layers,
         fingerprint={name: f"{_dtype(t)}[{','.join(map(str, t.shape))}]" for name, t in model.state_dict().items()},
         kept=[KeptChannels(n.tensor, n.side, encode_runs(n.channels), n.reason) for n in resolution.notes],
+        norm_folds=[NormFold(fold.norm, fold.into) for fold in graph.folds],
         generator=f"prunespec {_version()}",
     )
 

@@ -7,7 +7,8 @@ because something reads it that the planner cannot follow (an unknown op, the mo
 
 The rest are plain records: a `Producer` creates new slots (its output channels), a `Consumer` reads slots through
 its weight's input axis, a `Binding` says that one axis of a parameter or buffer runs along a list of slots (a bias,
-a batch-norm statistic, a layer scale), and `Macs` counts work for the summary.
+a batch-norm statistic, a layer scale), `Macs` counts work for the summary, and a `Fold` records a batch norm
+that could be folded into the layer before it.
 """
 
 from __future__ import annotations
@@ -167,6 +168,15 @@ class Macs:
     unit: int
 
 
+@dataclass(frozen=True)
+class Fold:
+    """Batch norm `norm` reads only the output of layer `into`, and nothing else does: for inference, the norm's
+    per-channel scale and shift can be folded into that layer's weight and bias (module names)."""
+
+    norm: str
+    into: str
+
+
 @dataclass
 class ChannelGraph:
     """Everything tracing learned about a model, in trace order."""
@@ -178,3 +188,4 @@ class ChannelGraph:
     macs: list[Macs] = field(default_factory=list)
     # Ops followed on trust (a size written as a number might be a constant): `verify.Suspect` records.
     suspects: list = field(default_factory=list)
+    folds: list[Fold] = field(default_factory=list)

@@ -120,6 +120,7 @@ def _mix(tr: Tracer, weight: str, bias, x, out, in_axis: int, out_axis: int, x_a
     tr.graph.bindings.append(Binding(weight, out_axis, written))
     _bind_bias(tr, bias, made)
     tr.set(out, ChannelMap(y_axis, made))
+    tr.made_by_layer(weight, bias, out)
 
 
 def _tie_groups(tr: Tracer, slots: list[int], groups: int) -> None:
@@ -169,6 +170,7 @@ def conv(tr: Tracer, args, kwargs, out) -> None:
             return opaque(tr, args, kwargs, out)
         tr.graph.bindings.append(Binding(name, 0, cmap.slots))
         _bind_bias(tr, bias, cmap.slots)
+        tr.made_by_layer(name, bias, out)
         return tr.set(out, cmap)
     _mix(tr, name, bias, x, out, in_axis, out_axis, 1, 1, groups=groups)
 
@@ -195,6 +197,7 @@ def batch_norm(tr: Tracer, args, kwargs, out) -> None:
     for i, key in enumerate(("running_mean", "running_var", "weight", "bias"), start=1):
         _bind(tr, _arg(args, kwargs, i, key), cmap.slots, "is normalised with statistics that are not model tensors")
     tr.set(out, cmap)
+    tr.normalised(x, _arg(args, kwargs, 1, "running_mean"))
 
 
 @rule("instance_norm")

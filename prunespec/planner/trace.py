@@ -23,8 +23,9 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from prunespec.applier.rules import rule_for, runs_own_forward
 from prunespec.planner import ops
-from prunespec.planner.graph import ChannelGraph, ChannelMap, SplitMap
+from prunespec.planner.graph import ChannelGraph, ChannelMap, Fold, SplitMap
 
 OUTPUT = "reaches the model output"
 UNLABELLED = "comes from a model input or a tensor made in forward"
@@ -38,6 +39,9 @@ SHAPED_LIKE_INPUT = {
     "leaky_relu", "mish", "softplus", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
     "feature_alpha_dropout",
 }  # fmt: skip
+
+# Reading these tells nothing about a tensor's values, so it does not count as a reader of a layer's output.
+METADATA = {"shape", "dtype", "device", "ndim", "is_meta", "layout", "requires_grad", "size", "dim", "numel"}
 
 
 class Tracer(TorchFunctionMode):
@@ -62,6 +66,13 @@ class Tracer(TorchFunctionMode):
         # The modules whose forward is running, innermost last, with the tensor each was called with.
         self._module_names = {id(m): name for name, m in model.named_modules()}
         self._running: list[tuple[str | None, object]] = []
+        # For folding batch norms: id -> [output, layer] of each output a layer computed in its own forward, how
+        # often each such output is read, the (norm, output id) pairs where a batch norm read one, and how often
+        # each batch norm module ran.
+        self._outputs: dict[int, list] = {}
+        self._reads: Counter[int] = Counter()
+        self._norm_reads: list[tuple[str, int]] = []
+        self._norm_calls: Counter[str] = Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -73,7 +84,10 @@ class Tracer(TorchFunctionMode):
         else:
             out = func(*args, **kwargs)
         self.op_counts[self.current_op] += 1
-        split = [t for t in tree_leaves((args, kwargs)) if self.split_map(t) is not None]
+        leaves = tree_leaves((args, kwargs))
+        if self._outputs:
+            self._count_reads(func, leaves)
+        split = [t for t in leaves if self.split_map(t) is not None]
         if split:
             ops.split_rule(self, split, args, kwargs, out)
         else:
@@ -122,6 +136,54 @@ class Tracer(TorchFunctionMode):
         if self._running[-1][1] is not x:
             return f"{weight} reads a tensor its module computes in forward, not the module's input"
         return None
+
+    def made_by_layer(self, weight: str, bias, out: torch.Tensor) -> None:
+        """Note that the layer owning `weight` computed `out` in its own forward, with its own bias (or none)."""
+        layer = weight.rpartition(".")[0]
+        if self._running and self._running[-1][0] == layer and (bias is None or self.name(bias) == f"{layer}.bias"):
+            self._outputs[id(out)] = [out, layer]
+
+    def normalised(self, x: torch.Tensor, running_mean) -> None:
+        """Note a batch norm reading `x`, if it runs in the forward of the module that owns `running_mean`."""
+        norm = self._running[-1][0] if self._running else None
+        if norm is None or self.name(running_mean) != f"{norm}.running_mean":
+            return
+        self._norm_calls[norm] += 1
+        entry = self._outputs.get(id(x))
+        if entry is not None and entry[0] is x:
+            self._norm_reads.append((norm, id(x)))
+
+    def _count_reads(self, func, leaves) -> None:
+        name = getattr(getattr(func, "__self__", None), "__name__", None) if self.current_op == "__get__" else None
+        if (name or self.current_op) in METADATA:
+            return
+        for t in leaves:
+            entry = self._outputs.get(id(t)) if isinstance(t, torch.Tensor) else None
+            if entry is not None and entry[0] is t:
+                self._reads[id(t)] += 1
+
+    def folds(self, model: torch.nn.Module, out) -> list[Fold]:
+        """The batch norms that read a layer's output, where nothing else reads it and both are called once.
+
+        Both modules must run their class's own forward (`runs_own_forward`), so that folding the norm's scale and
+        shift into the layer's weight and bias changes nothing else.
+        """
+        returned = {id(t) for t in tree_leaves(out)}
+        modules = dict(model.named_modules())
+        found = []
+        for norm, output in self._norm_reads:
+            layer = self._outputs[output][1]
+            if (
+                self._reads[output] == 1
+                and output not in returned
+                and self._norm_calls[norm] == 1
+                and self.calls[f"{layer}.weight"] == 1
+                and all(runs_own_forward(modules[m]) for m in (norm, layer))
+                and rule_for(modules[layer]).absorbs
+                and rule_for(modules[norm]).folds
+            ):
+                found.append(Fold(norm, layer))
+        return found
 
     def enter(self, module, args) -> None:
         self._running.append((self._module_names.get(id(module)), args[0] if args else None))
@@ -196,6 +258,7 @@ def _trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], run: str) -> 
         cmap = tracer.channels(t)
         if cmap is not None:
             tracer.slots.pin(cmap.slots, OUTPUT)
+    tracer.graph.folds = tracer.folds(model, out)
     _pin_shared_weights(tracer.graph, tracer.calls)
     return tracer.graph
 

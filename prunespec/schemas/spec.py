@@ -25,9 +25,9 @@ import msgspec
 
 from prunespec.errors import SpecError
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 # Every version this reader reads, oldest first; see `_migrate` for the policy.
-KNOWN_VERSIONS = ("1.0", "1.1")
+KNOWN_VERSIONS = ("1.0", "1.1", "1.2")
 # An index above this is not a channel of any real model; refusing it early keeps hostile files cheap to reject.
 MAX_INDEX = 2**31 - 1
 
@@ -125,6 +125,18 @@ class LayerSpec(_Struct, omit_defaults=True):
     macs: tuple[Count, Count] | None = None
 
 
+class NormFold(_Struct):
+    """A batch norm that, for inference, can be folded into the layer before it (since schema 1.2).
+
+    The planner writes one wherever the norm reads the output of a convolution or linear layer `into` and nothing
+    else reads that output. Folding is asked for when the spec is applied (`prune(..., fold_norms=True)`); the
+    norm's scale and shift then go into the layer's weight and bias, and the norm becomes `nn.Identity`.
+    """
+
+    norm: str
+    into: str
+
+
 class Summary(_Struct):
     """Size of the model before and after pruning (multiply-accumulates for the example inputs)."""
 
@@ -151,6 +163,7 @@ class PruningSpec(_Struct):
     layers: dict[str, LayerSpec]
     fingerprint: dict[str, TensorType]
     kept: list[KeptChannels] = msgspec.field(default_factory=list)
+    norm_folds: list[NormFold] = msgspec.field(default_factory=list)
     schema_version: str = SCHEMA_VERSION
     generator: str = "prunespec"
 
@@ -166,7 +179,7 @@ class PruningSpec(_Struct):
 def _ordered(spec: PruningSpec) -> dict[str, Any]:
     """Builtins in reading order: version first, the long fingerprint last."""
     data = msgspec.to_builtins(spec)
-    head = ["schema_version", "generator", "model", "inputs", "request", "summary", "kept", "layers"]
+    head = ["schema_version", "generator", "model", "inputs", "request", "summary", "kept", "layers", "norm_folds"]
     return {key: data[key] for key in head + [k for k in data if k not in head]}
 
 
@@ -388,11 +401,11 @@ def _migrate(raw: dict[str, Any], source: str) -> dict[str, Any]:
     this reason), and applying it without them could build a wrong model without a word.
 
     >>> _migrate({"schema_version": "1.0", "generator": "prunespec 0.1.0"}, "spec")["schema_version"]
-    '1.1'
-    >>> _migrate({"schema_version": "1.2", "generator": "prunespec 0.3.0"}, "spec")  # doctest: +ELLIPSIS
+    '1.2'
+    >>> _migrate({"schema_version": "1.3", "generator": "prunespec 0.4.0"}, "spec")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    prunespec.errors.SpecError: spec: schema_version 1.2 is newer than this prunespec reads (1.1); upgrade to ...
+    prunespec.errors.SpecError: spec: schema_version 1.3 is newer than this prunespec reads (1.2); upgrade to ...
     """
     version = raw.get("schema_version")
     if not isinstance(version, str) or not re.fullmatch(r"[0-9]{1,9}\.[0-9]{1,9}", version):
@@ -431,8 +444,17 @@ def _from_1_0(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "schema_version": "1.1"}
 
 
+def _from_1_1(raw: dict[str, Any]) -> dict[str, Any]:
+    """1.1 -> 1.2: the spec gains `norm_folds` (see `NormFold`), left empty.
+
+    Lost: which batch norms can be folded comes from the traced data flow, which a 1.1 file does not hold. A
+    migrated spec applies as before; asking it to fold norms folds none. Planning again records them.
+    """
+    return {**raw, "schema_version": "1.2"}
+
+
 # The step from each version to the next, oldest first; a new version adds one entry here and one to KNOWN_VERSIONS.
-_MIGRATIONS = {"1.0": _from_1_0}
+_MIGRATIONS = {"1.0": _from_1_0, "1.1": _from_1_1}
 
 
 def json_schema() -> dict[str, Any]:
