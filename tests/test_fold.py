@@ -54,6 +54,14 @@ class ConvNorm(nn.Module):
         return z
 
 
+class FunctionalNorm(ConvNorm):
+    """The norm's statistics used through `F.batch_norm` in the parent's forward, not the norm's own."""
+
+    def forward(self, x):
+        bn = self.bn
+        return nn.functional.batch_norm(self.conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias)
+
+
 class Scaled(nn.Conv2d):
     def forward(self, x):
         return super().forward(x) * 2
@@ -79,6 +87,7 @@ def test_a_norm_is_listed_only_where_nothing_else_reads_the_layer_output(tail, n
 def test_layers_the_applier_cannot_fold_into_are_not_listed():
     for first in (Scaled(3, 4, 3), nn.ConvTranspose2d(3, 4, 3)):
         assert _folds(nn.Sequential(first, nn.BatchNorm2d(4)).double().eval(), (1, 3, 6, 6)) == []
+    assert _folds(FunctionalNorm().double().eval(), (1, 3, 6, 6)) == []
 
 
 def test_depthwise_convolutions_and_linear_layers_fold():
@@ -175,6 +184,21 @@ def test_a_fold_that_does_not_fit_is_one_error_and_changes_nothing(change, messa
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
+def test_validate_reports_every_fold_that_does_not_fit():
+    from prunespec.applier.validate import problems
+
+    model, inputs = _torchvision("resnet18", 0)
+    spec = prunespec.plan(model, inputs)
+    folds = [NormFold("relu", spec.norm_folds[0].into), spec.norm_folds[1], NormFold(spec.norm_folds[2].norm, "fc")]
+    fields = {f: getattr(spec, f) for f in spec.__struct_fields__ if f != "norm_folds"}
+    bad = prunespec.PruningSpec(**fields, norm_folds=folds + spec.norm_folds[3:])
+    assert problems(model, spec) == []
+    assert problems(model, bad) == [
+        "norm_folds[0]: 'relu' is a ReLU, not a batch norm that can be folded",
+        "norm_folds[2]: 'fc' makes 1000 channels but 'layer1.0.bn2' normalises 64; the spec's layers do not fit together",
+    ]
+
+
 def test_a_hooked_norm_is_not_folded():
     model, inputs = build("batchnorm_between")
     spec = prunespec.plan(model, inputs)
@@ -189,8 +213,8 @@ def test_a_hooked_norm_is_not_folded():
 def test_the_cli_folds_verifies_and_refuses_folding_a_mock(tmp_path):
     spec_path = tmp_path / "tiny.prunespec.json"
     tiny = ["models_for_cli:tiny_net"]
-    assert_ok(run_cli("plan", *tiny, "-o", spec_path, "--input-shape", "1x3x16x16", "--prune-input", "3.weight:0-2",
-                      cwd=tmp_path))  # fmt: skip
+    request = ["--input-shape", "1x3x16x16", "--prune-input", "3.weight:0-2"]
+    assert_ok(run_cli("plan", *tiny, "-o", spec_path, *request, cwd=tmp_path))
     result = run_cli("apply", spec_path, *tiny, "-o", tmp_path / "out.pt", "--fold-norms", "--verify", cwd=tmp_path)
     assert_ok(result)
     assert "1 batch norms folded" in result.stdout and "max |pruned - mock| = " in result.stdout
