@@ -51,9 +51,9 @@ class Tracer(TorchFunctionMode):
         self.graph = ChannelGraph()
         self.slots = self.graph.slots
         self.meta = bool(twins)
-        self.names: dict[int, str] = {}
-        for name, t in chain(model.named_parameters(), model.named_buffers()):
-            self.names[id(twins[name] if twins else t)] = name
+        self.names: dict[int, str] = {}  # id of a parameter or buffer the model runs with -> its first name
+        for name, t in twins.items() if twins else chain(model.named_parameters(), model.named_buffers()):
+            self.names.setdefault(id(t), name)
         self.current_op = ""  # the name of the op whose rule is running
         self.op_counts: Counter[str] = Counter()  # calls so far per op name, to find an op again in another run
         self.calls: Counter[str] = Counter()  # weight name -> number of calls
