@@ -78,7 +78,8 @@ class Tracer(TorchFunctionMode):
         else:
             out = func(*args, **kwargs)
         self.op_counts[self.current_op] += 1
-        split = [t for t in tree_leaves((args, kwargs)) if self.split_map(t) is not None]
+        # Most models split no channels over two axes: then there is no split map to look for among the arguments.
+        split = [t for t in tree_leaves((args, kwargs)) if self.split_map(t) is not None] if self._split else []
         if split:
             ops.split_rule(self, split, args, kwargs, out)
         else:
