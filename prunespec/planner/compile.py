@@ -42,8 +42,8 @@ def compile_spec(
     layout: Layout,
     request: Request,
 ) -> PruningSpec:
-    tensors = dict(model.named_parameters())
-    tensors.update(model.named_buffers())
+    parameters = dict(model.named_parameters())
+    tensors = {**parameters, **dict(model.named_buffers())}
     kept: dict[str, dict[int, list[int]]] = defaultdict(dict)  # tensor name -> axis -> kept indices in order
     gathers: dict[str, Subselection] = {}  # module name -> subselection of its input
     # module name -> channels of its pruned input activation: what the layer before it writes, from the data flow
@@ -63,11 +63,10 @@ def compile_spec(
         if consumer.per_group:  # channels are tied across groups: group 0 speaks for all
             kept[consumer.weight][consumer.axis] = sorted(c for c in resolution.columns[ci] if c < consumer.per_group)
             continue
-        order = {p: i for i, p in enumerate(present)}
-        columns = [p for p in present if p in resolution.columns[ci]]
-        kept[consumer.weight][consumer.axis] = columns
-        reads = [order[p] for p in columns]
-        if reads != list(range(len(present))):
+        keep = resolution.columns[ci]
+        reads = [i for i, p in enumerate(present) if p in keep]  # what the weight reads of the pruned input
+        kept[consumer.weight][consumer.axis] = [present[i] for i in reads]
+        if len(reads) != len(present):
             gathers[_module_of(consumer.weight)] = Subselection(len(present), encode_runs(reads))
 
     new_shapes = {name: _shape(tensors[name], axes) for name, axes in kept.items()}
@@ -77,7 +76,7 @@ def compile_spec(
         model=type(model).__name__,
         inputs=[InputInfo(list(x.shape), _dtype(x)) for x in inputs],
         request=request,
-        summary=_summary(model, new_shapes, macs, len(gathers)),
+        summary=_summary(parameters, new_shapes, macs, len(gathers)),
         layers=layers,
         fingerprint={name: f"{_dtype(t)}[{','.join(map(str, t.shape))}]" for name, t in model.state_dict().items()},
         kept=[KeptChannels(n.tensor, n.side, encode_runs(n.channels), n.reason) for n in resolution.notes],
@@ -116,10 +115,11 @@ def _layers(model, tensors, kept, new_shapes, gathers, activations, macs) -> dic
             continue
         own = {local: new_shapes.get(_join(module_name, local), tuple(t.shape)) for local, t in _own(module)}
         rule = rule_for(module)
+        runs = touched.get(module_name, {})
         layers[module_name] = LayerSpec(
             type=type(module).__name__,
             attributes=rule.derive(module, own),
-            tensors=dict(sorted(touched.get(module_name, {}).items(), key=lambda kv: _own_order(module, kv[0]))),
+            tensors={local: runs[local] for local in own if local in runs},  # in the module's own order
             input=gathers.get(module_name),
             input_activation_channels=activations.get(module_name) if rule.input_axis is not None else None,
             macs=macs.get(module_name),
@@ -138,10 +138,10 @@ def _macs(graph: ChannelGraph, tensors, new_shapes) -> dict[str, tuple[int, int]
     return per_module
 
 
-def _summary(model, new_shapes, macs: dict[str, tuple[int, int]], subselections: int) -> Summary:
-    params = {id(p): (name, p) for name, p in model.named_parameters()}.values()
-    before = sum(p.numel() for _, p in params)
-    after = sum(math.prod(new_shapes.get(name, p.shape)) for name, p in params)
+def _summary(parameters, new_shapes, macs: dict[str, tuple[int, int]], subselections: int) -> Summary:
+    """Sizes before and after; `parameters` are the model's, by name, each shared one once."""
+    before = sum(p.numel() for p in parameters.values())
+    after = sum(math.prod(new_shapes.get(name, p.shape)) for name, p in parameters.items())
     macs_before = sum(b for b, _ in macs.values())
     macs_after = sum(a for _, a in macs.values())
     return Summary(before, after, macs_before, macs_after, subselections)
@@ -154,10 +154,6 @@ def _shape(t: torch.Tensor, axes: dict[int, list[int]]) -> tuple[int, ...]:
 def _own(module: torch.nn.Module):
     yield from ((k, v) for k, v in module._parameters.items() if v is not None)
     yield from ((k, v) for k, v in module._buffers.items() if v is not None)
-
-
-def _own_order(module: torch.nn.Module, local: str) -> int:
-    return [k for k, _ in _own(module)].index(local)
 
 
 def _module_of(tensor_name: str) -> str:
@@ -182,4 +178,3 @@ def channel_requests(pairs: dict[str, set[int]], order: list[str]) -> list[Chann
     """Requested channels per tensor, in model order, as runs."""
     rank = {name: i for i, name in enumerate(order)}
     return [ChannelRequest(name, encode_runs(sorted(pairs[name]))) for name in sorted(pairs, key=rank.__getitem__)]
-

@@ -122,7 +122,8 @@ class Layout:
                 every |= c
             involved = [ci for ci in range(every.bit_length()) if every >> ci & 1]
             rank = {c: _gray_rank(sum(1 << k for k, ci in enumerate(involved) if c >> ci & 1)) for c in distinct}
-            self.order[first] = sorted(range(len(segment)), key=lambda j: rank[codes[j]])
+            ranks = [rank[c] for c in codes]
+            self.order[first] = sorted(range(len(segment)), key=ranks.__getitem__)
 
 
 def _gray_rank(code: int) -> int:

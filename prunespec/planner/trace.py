@@ -39,6 +39,8 @@ SHAPED_LIKE_INPUT = {
     "leaky_relu", "mish", "softplus", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
     "feature_alpha_dropout",
 }  # fmt: skip
+# The arguments besides tensors that `_signature` compares by value (and type: True, 1 and 1.0 differ); bool is an int.
+PLAIN = (int, float, str, type(None), type(Ellipsis), torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 # Reading these tells nothing about a tensor's values, so it does not count as a reader of a layer's output.
 METADATA = {"shape", "dtype", "device", "ndim", "is_meta", "layout", "requires_grad", "size", "dim", "numel"}
@@ -53,9 +55,9 @@ class Tracer(TorchFunctionMode):
         self.graph = ChannelGraph()
         self.slots = self.graph.slots
         self.meta = bool(twins)
-        self.names: dict[int, str] = {}
-        for name, t in chain(model.named_parameters(), model.named_buffers()):
-            self.names[id(twins[name] if twins else t)] = name
+        self.names: dict[int, str] = {}  # id of a parameter or buffer the model runs with -> its first name
+        for name, t in twins.items() if twins else chain(model.named_parameters(), model.named_buffers()):
+            self.names.setdefault(id(t), name)
         self.current_op = ""  # the name of the op whose rule is running
         self.op_counts: Counter[str] = Counter()  # calls so far per op name, to find an op again in another run
         self.calls: Counter[str] = Counter()  # weight name -> number of calls
@@ -66,6 +68,7 @@ class Tracer(TorchFunctionMode):
         # The modules whose forward is running, innermost last, with the tensor each was called with.
         self._module_names = {id(m): name for name, m in model.named_modules()}
         self._running: list[tuple[str | None, object]] = []
+        self._made: dict[tuple, tuple] = {}  # meta call signature -> (shape, stride, dtype) of the new tensor
         # For folding batch norms: id -> [output, layer] of each output a layer computed in its own forward, how
         # often each such output is read, the (norm, output id) pairs where a batch norm read one, and how often
         # each batch norm module ran.
@@ -81,17 +84,47 @@ class Tracer(TorchFunctionMode):
         if self.meta and self.current_op in SHAPED_LIKE_INPUT and isinstance(x, torch.Tensor) and x.is_meta:
             in_place = self.current_op.endswith("_") or kwargs.get("inplace") is True
             out = x if in_place else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        elif self.meta:
+            out = self._call_meta(func, args, kwargs)
         else:
             out = func(*args, **kwargs)
         self.op_counts[self.current_op] += 1
-        leaves = tree_leaves((args, kwargs))
+        leaves = _arguments(args, kwargs) if self._outputs or self._split else ()
         if self._outputs:
             self._count_reads(func, leaves)
-        split = [t for t in leaves if self.split_map(t) is not None]
+        # Most models split no channels over two axes: then there is no split map to look for among the arguments.
+        split = [t for t in leaves if self.split_map(t) is not None] if self._split else []
         if split:
             ops.split_rule(self, split, args, kwargs, out)
         else:
             ops.RULES.get(self.current_op, ops.opaque)(self, args, kwargs, out)
+        return out
+
+    def _call_meta(self, func, args: tuple, kwargs: dict):
+        """`func(*args, **kwargs)` in a meta run, made directly when the same call made a new tensor before.
+
+        A meta output depends only on the call: the op, the shapes, strides and dtypes of its tensors and its other
+        arguments. Models repeat calls (every block of a stage, every layer of a transformer), and many meta kernels
+        are Python decompositions (a convolution, a pooling, a broadcasting product) costing a tenth of a
+        millisecond to one. Only calls that returned a new tensor are remembered: not an input (an in-place op),
+        not a view of one, not a tuple, not a tensor with data.
+        """
+        arguments = _signature((args, kwargs))
+        key = (func, arguments) if arguments is not None else None
+        made = self._made.get(key) if key is not None else None
+        if made is not None:
+            shape, stride, dtype = made
+            return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+        out = func(*args, **kwargs)
+        if (
+            key is not None
+            and isinstance(out, torch.Tensor)
+            and out.is_meta
+            and out._base is None
+            and out.storage_offset() == 0
+            and all(out is not t for t in tree_leaves((args, kwargs)))
+        ):
+            self._made[key] = (out.shape, out.stride(), out.dtype)
         return out
 
     # ------------------------------------------------------------------ what rules use
@@ -261,6 +294,48 @@ def _trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], run: str) -> 
     tracer.graph.folds = tracer.folds(model, out)
     _pin_shared_weights(tracer.graph, tracer.calls)
     return tracer.graph
+
+
+def _arguments(args: tuple, kwargs: dict) -> list:
+    """An op's arguments, flattened: the plain list when none is a container, which is most calls and cheaper than
+    `tree_leaves`.
+
+    >>> _arguments((1, [2, (3,)]), {"dim": 0}), _arguments((1, 2), {})
+    ([1, 2, 3, 0], [1, 2])
+    """
+    flat = [*args, *kwargs.values()]
+    if any(isinstance(a, (list, tuple, dict)) for a in flat):
+        return tree_leaves(flat)
+    return flat
+
+
+def _signature(value) -> tuple | None:
+    """What a meta call's output can depend on in its arguments `value`, as a hashable tuple.
+
+    None when `value` holds anything but tensors, plain values (`PLAIN`, compared by value and type) and tuples,
+    lists and dicts of them.
+
+    >>> a, b = torch.empty(2, 3, device="meta"), torch.empty(2, 3, device="meta")
+    >>> _signature(((a, 1), {})) == _signature(((b, 1), {}))
+    True
+    >>> _signature(((a, 1), {})) == _signature(((a, 1.0), {}))  # an int and a float promote differently
+    False
+    >>> _signature(((a.t(), 1), {})) == _signature(((a, 1), {}))
+    False
+    >>> _signature(((a, object()), {})) is None
+    True
+    """
+    if isinstance(value, torch.Tensor):
+        return (type(value), value.device, value.dtype, tuple(value.shape), value.stride(), value.storage_offset())
+    if isinstance(value, (tuple, list)):
+        parts = tuple(_signature(v) for v in value)
+        return None if None in parts else (type(value), parts)
+    if isinstance(value, dict):
+        parts = tuple((k, _signature(v)) for k, v in value.items())
+        return None if any(not isinstance(k, str) or p is None for k, p in parts) else (dict, parts)
+    if isinstance(value, PLAIN):
+        return (type(value), value)
+    return None
 
 
 def _meta_twins(model: torch.nn.Module) -> dict[str, torch.Tensor]:

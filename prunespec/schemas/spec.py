@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import operator
 import os
 import re
 import tempfile
@@ -196,14 +195,14 @@ def encode_runs(indices: Sequence[int]) -> str:
     """
     if not len(indices):
         return ""
-    # A run ends wherever the next index is not one more than this one.
-    ends = [k for k, step in enumerate(map(operator.sub, indices[1:], indices)) if step != 1]
-    ends.append(len(indices) - 1)
     parts: list[str] = []
-    first = 0
-    for last in ends:
-        parts.append(str(indices[first]) if first == last else f"{indices[first]}-{indices[last]}")
-        first = last + 1
+    first = last = indices[0]
+    for index in indices[1:]:
+        if index - last != 1:  # the run from `first` ends at `last`
+            parts.append(f"{first}-{last}" if first != last else str(first))
+            first = index
+        last = index
+    parts.append(f"{first}-{last}" if first != last else str(first))
     return ",".join(parts)
 
 
