@@ -12,7 +12,9 @@ the "Performance" section of README.md between `<!-- bench:start -->` and `<!-- 
 2. `applying`: `load_spec` + `prune` on a copy of the model vs upscale's `compute` + `prune` (it must trace again).
 3. `latency`: the dense model against the models pruned by prunespec and by upscale (reordered and not), with
    MACs from one hook-based counter (`common.count_macs`) and the realized speedup efficiency; on CPU, and on CUDA
-   when available. Also a `torch.export`ed program of the prunespec model, and max |pruned - mock|.
+   when available. Also the same request in constrained mode, the prunespec model with its batch norms folded
+   (against the dense model as it is and folded the same way), a `torch.export`ed program of the prunespec model,
+   and max |pruned - mock|.
 4. `scaling`: planning time and peak memory over model depth/width, input resolution and batch size.
 5. `profile`: torch.profiler's top ops of one pruned resnet50 from prunespec and from upscale.
 
@@ -227,6 +229,9 @@ class Bench:
                 variants[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
 
         build("prunespec", lambda: prunespec.prune(copy.deepcopy(model), spec))
+        # Batch norms folded into the layers before them, and the dense model folded the same way for a fair peer.
+        build("prunespec_folded", lambda: prunespec.prune(copy.deepcopy(model), spec, fold_norms=True))
+        build("dense_folded", lambda: prunespec.fold_norms(copy.deepcopy(model), spec), model)
         # The same request in constrained mode: more channels go, and nothing is gathered at run time.
         tight = prunespec.plan(model, [x], pruned_inputs=request, constrained=True)
         tight_mock = prunespec.mock(model, tight)

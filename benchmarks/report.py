@@ -201,7 +201,39 @@ def latency(rows: list[dict]) -> list[str]:
         ]  # fmt: skip
         out += table(["model", "p", "dense ms", "constrained ms", "speedup", "GMACs dense", "GMACs", "eff",
                       "max\\|Δ\\|"], body)  # fmt: skip
+        out += folded(device, batch, group)
     return out
+
+
+def folded(device: str, batch: int, group: list[dict]) -> list[str]:
+    """The unconstrained models again with their batch norms folded (`prune(..., fold_norms=True)`), against the
+    dense model as it is and folded the same way (`fold_norms`)."""
+    body = []
+    for r in group:
+        v = r["variants"]
+        f, dense_f = v.get("prunespec_folded"), v.get("dense_folded")
+        if f is None or dense_f is None:
+            continue
+        up, upn = v["upscale"], v["upscale_noreorder"]
+        body.append([
+            r["model"], pattern(r), ms(r["dense"]), ms(dense_f.get("latency") or dense_f), ms(f.get("latency") or f),
+            ratio(f.get("latency"), up.get("latency")), ratio(f.get("latency"), upn.get("latency")),
+            ratio(r["dense"], f.get("latency")), _eff(r, f), _eff(r, f, dense_f.get("latency")),
+            f"{f['max_abs_diff_vs_mock']:.1e}" if "max_abs_diff_vs_mock" in f else "–",
+        ])  # fmt: skip
+    if not body:
+        return []
+    head = ["model", "p", "dense ms", "dense folded ms", "ps folded ms", "folded/upscale", "folded/upscale no-reorder",
+            "speedup vs dense", "eff vs dense", "eff vs dense folded", "max\\|Δ\\|"]  # fmt: skip
+    return [
+        "",
+        (f"The unconstrained models with their batch norms folded into the layers before them ({device.upper()}, "
+         f"batch {batch}; `apply --fold-norms`, for inference). `eff vs dense` measures against the dense model as "
+         "it is, `eff vs dense folded` against the dense model folded the same way: the second is what pruning "
+         "alone gives."),
+        "",
+        *table(head, body),
+    ]  # fmt: skip
 
 
 def pattern(row: dict) -> str:
@@ -214,11 +246,13 @@ def _gmacs(variant: dict) -> str:
     return f"{variant['macs'] / 1e9:.2f}" if "macs" in variant else "–"
 
 
-def _eff(row: dict, variant: dict) -> str:
+def _eff(row: dict, variant: dict, dense: dict | None = None) -> str:
+    """Realized speedup efficiency of `variant` against the dense model (or `dense`, a dense model's latency)."""
     lat = variant.get("latency") or {}
-    if "median_ms" not in lat or "median_ms" not in row["dense"] or not variant.get("macs"):
+    dense = dense or row["dense"]
+    if "median_ms" not in lat or "median_ms" not in dense or not variant.get("macs"):
         return "–"
-    speedup = row["dense"]["median_ms"] / lat["median_ms"]
+    speedup = dense["median_ms"] / lat["median_ms"]
     return f"{speedup / (row['dense_macs'] / variant['macs']):.2f}"
 
 
