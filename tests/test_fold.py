@@ -155,6 +155,14 @@ def test_a_folded_checkpoint_loads_into_a_model_built_from_the_spec(tmp_path):
     with torch.no_grad():
         assert max_difference(rebuilt(*inputs), folded(*inputs)) == 0.0
 
+    # Or load the unfolded pruned checkpoint and fold after loading.
+    with torch.device("meta"):
+        skeleton = torchvision.models.mobilenet_v2(weights=None).double().eval()
+    unfolded = prunespec.prune(copy.deepcopy(model), spec).state_dict()
+    prunespec.build_pruned(skeleton, spec).load_state_dict(unfolded, strict=True, assign=True)
+    with torch.no_grad():
+        assert max_difference(prunespec.fold_norms(skeleton, spec)(*inputs), folded(*inputs)) == 0.0
+
 
 def _bad(spec: prunespec.PruningSpec, **change) -> prunespec.PruningSpec:
     fold = spec.norm_folds[0]
