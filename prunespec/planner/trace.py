@@ -66,7 +66,8 @@ class Tracer(TorchFunctionMode):
         self._why: dict[int, tuple[torch.Tensor, str]] = {}
         self._split: dict[int, tuple[torch.Tensor, SplitMap]] = {}  # tensors whose channels span two axes
         # The modules whose forward is running, innermost last, with the tensor each was called with.
-        self._module_names = {id(m): name for name, m in model.named_modules()}
+        self.modules = dict(model.named_modules())
+        self._module_names = {id(m): name for name, m in self.modules.items()}
         self._running: list[tuple[str | None, object]] = []
         self._made: dict[tuple, tuple] = {}  # meta call signature -> (shape, stride, dtype) of the new tensor
         # For folding batch norms: id -> [output, layer] of each output a layer computed in its own forward, how
@@ -195,14 +196,14 @@ class Tracer(TorchFunctionMode):
             if entry is not None and entry[0] is t:
                 self._reads[id(t)] += 1
 
-    def folds(self, model: torch.nn.Module, out) -> list[Fold]:
+    def folds(self, out) -> list[Fold]:
         """The batch norms that read a layer's output, where nothing else reads it and both are called once.
 
         Both modules must run their class's own forward (`runs_own_forward`), so that folding the norm's scale and
         shift into the layer's weight and bias changes nothing else.
         """
         returned = {id(t) for t in tree_leaves(out)}
-        modules = dict(model.named_modules())
+        modules = self.modules
         found = []
         for norm, output in self._norm_reads:
             layer = self._outputs[output][1]
@@ -266,9 +267,9 @@ def trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], fake: bool = T
 
 
 def _trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], run: str) -> ChannelGraph:
-    modes = {m: m.training for m in model.modules()}
     twins = _meta_twins(model) if run == "meta" else {}
     tracer = Tracer(model, twins)
+    modes = {m: m.training for m in tracer.modules.values()}
     # Global hooks, not hooks on the model: they see every module's forward and leave the model untouched.
     hooks = [register_module_forward_pre_hook(tracer.enter), register_module_forward_hook(tracer.leave)]
     # Under the fake mode parameters stay real (their identity names them); it converts them on the fly.
@@ -291,7 +292,7 @@ def _trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], run: str) -> 
         cmap = tracer.channels(t)
         if cmap is not None:
             tracer.slots.pin(cmap.slots, OUTPUT)
-    tracer.graph.folds = tracer.folds(model, out)
+    tracer.graph.folds = tracer.folds(out)
     _pin_shared_weights(tracer.graph, tracer.calls)
     return tracer.graph
 
