@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 
-
 def ms(cell: dict | None) -> str:
     """A timing cell: median ms, an error string, or a dash."""
     if not cell:
@@ -214,26 +213,44 @@ def folded(device: str, batch: int, group: list[dict]) -> list[str]:
         f, dense_f = v.get("prunespec_folded"), v.get("dense_folded")
         if f is None or dense_f is None:
             continue
-        up, upn = v["upscale"], v["upscale_noreorder"]
-        body.append([
-            r["model"], pattern(r), ms(r["dense"]), ms(dense_f.get("latency") or dense_f), ms(f.get("latency") or f),
-            ratio(f.get("latency"), up.get("latency")), ratio(f.get("latency"), upn.get("latency")),
-            ratio(r["dense"], f.get("latency")), _eff(r, f), _eff(r, f, dense_f.get("latency")),
-            f"{f['max_abs_diff_vs_mock']:.1e}" if "max_abs_diff_vs_mock" in f else "–",
-        ])  # fmt: skip
+        latency, dense_latency = f.get("latency"), dense_f.get("latency")
+        body.append(
+            [
+                r["model"],
+                pattern(r),
+                ms(r["dense"]),
+                ms(dense_latency or dense_f),
+                ms(latency or f),
+                ratio(latency, v["upscale"].get("latency")),
+                ratio(latency, v["upscale_noreorder"].get("latency")),
+                ratio(r["dense"], latency),
+                _eff(r, f),
+                _eff(r, f, dense_latency),
+                f"{f['max_abs_diff_vs_mock']:.1e}" if "max_abs_diff_vs_mock" in f else "–",
+            ]
+        )
     if not body:
         return []
-    head = ["model", "p", "dense ms", "dense folded ms", "ps folded ms", "folded/upscale", "folded/upscale no-reorder",
-            "speedup vs dense", "eff vs dense", "eff vs dense folded", "max\\|Δ\\|"]  # fmt: skip
-    return [
-        "",
-        (f"The unconstrained models with their batch norms folded into the layers before them ({device.upper()}, "
-         f"batch {batch}; `apply --fold-norms`, for inference). `eff vs dense` measures against the dense model as "
-         "it is, `eff vs dense folded` against the dense model folded the same way: the second is what pruning "
-         "alone gives."),
-        "",
-        *table(head, body),
-    ]  # fmt: skip
+    head = [
+        "model",
+        "p",
+        "dense ms",
+        "dense folded ms",
+        "ps folded ms",
+        "folded/upscale",
+        "folded/upscale no-reorder",
+        "speedup vs dense",
+        "eff vs dense",
+        "eff vs dense folded",
+        "max\\|Δ\\|",
+    ]
+    note = (
+        f"The unconstrained models with their batch norms folded into the layers before them ({device.upper()}, "
+        f"batch {batch}; `apply --fold-norms`, for inference). `eff vs dense` measures against the dense model as "
+        "it is, `eff vs dense folded` against the dense model folded the same way: the second is what pruning "
+        "alone gives."
+    )
+    return ["", note, "", *table(head, body)]
 
 
 def pattern(row: dict) -> str:

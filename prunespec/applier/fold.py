@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from prunespec.applier.rules import Rule, rule_for, runs_own_forward
+from prunespec.applier.rules import rule_for, runs_own_forward
 from prunespec.errors import SpecError, nearest
 from prunespec.schemas import NormFold, PruningSpec
 
@@ -34,7 +34,6 @@ class FoldChange:
 
     norm: nn.Module
     into: nn.Module
-    into_rule: Rule
     parent: nn.Module
     child: str
 
@@ -58,10 +57,9 @@ def check_fold(
         if name not in modules:
             raise SpecError(f"{where}: the model has no module {name!r}; {nearest(name, modules)}")
     norm, into = modules[entry.norm], modules[entry.into]
-    into_rule = rule_for(into)
     if not rule_for(norm).folds:
         raise SpecError(f"{where}: {entry.norm!r} is a {type(norm).__name__}, not a batch norm that can be folded")
-    if not into_rule.absorbs:
+    if not rule_for(into).absorbs:
         raise SpecError(
             f"{where}: {entry.into!r} is a {type(into).__name__}; a norm folds only into a convolution or linear layer"
         )
@@ -86,7 +84,7 @@ def check_fold(
             "the spec's layers do not fit together"
         )
     parent_name, _, child = entry.norm.rpartition(".")
-    return FoldChange(norm, into, into_rule, modules[parent_name], child)
+    return FoldChange(norm, into, modules[parent_name], child)
 
 
 def fold_norms(model: nn.Module, spec: PruningSpec) -> nn.Module:
@@ -119,9 +117,42 @@ def fold(folds: Sequence[FoldChange]) -> None:
     """Fold each norm into its layer and put `nn.Identity` in the norm's place."""
     with torch.no_grad():
         for change in folds:
-            scale, shift = rule_for(change.norm).affine(change.norm)
-            change.into_rule.absorb(change.into, scale, shift)
+            absorb(change.into, *norm_affine(change.norm))
             setattr(change.parent, change.child, nn.Identity())
+
+
+def norm_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch norm's per-channel ``(scale, shift)`` in eval mode: it computes ``x * scale + shift``.
+
+    >>> bn = nn.BatchNorm1d(2, eps=0.0).eval()
+    >>> bn.running_var.fill_(4.0), bn.running_mean.fill_(1.0)  # doctest: +ELLIPSIS
+    (...)
+    >>> [t.tolist() for t in norm_affine(bn)]
+    [[0.5, 0.5], [-0.5, -0.5]]
+    """
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    return scale, shift if norm.bias is None else shift + norm.bias
+
+
+def absorb(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Fold ``y * scale + shift``, per output channel (axis 0 of the weight), into the layer's weight and bias.
+
+    The layer gets new parameters, so build optimizers afterwards.
+
+    >>> conv = nn.Conv2d(1, 2, 1, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = conv.weight.fill_(3.0)
+    ...     absorb(conv, torch.tensor([2.0, 0.5]), torch.tensor([1.0, -1.0]))
+    >>> conv.weight.flatten().tolist(), conv.bias.tolist()
+    ([6.0, 1.5], [1.0, -1.0])
+    """
+    weight, bias = layer.weight, layer.bias
+    folded_bias = shift if bias is None else bias * scale + shift
+    layer.weight = nn.Parameter(weight * scale.view(-1, *[1] * (weight.dim() - 1)), weight.requires_grad)
+    layer.bias = nn.Parameter(folded_bias, weight.requires_grad)
 
 
 def _tensor(pruned: dict[str, dict[str, torch.Tensor]], name: str, module: nn.Module, local: str) -> torch.Tensor:

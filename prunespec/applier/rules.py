@@ -33,7 +33,7 @@ class Rule:
     absorbs = False
     """A layer whose weight's axis 0 makes its output channels: a batch norm after it can be folded into it."""
     folds = False
-    """A batch norm: for inference, a per-channel scale and shift (`affine`) that can be folded into the layer before."""
+    """A batch norm: for inference, a fixed per-channel scale and shift that can be folded into the layer before."""
 
     def check(self, attributes: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str | None:
         """A problem with the pruned module, or None when its attributes agree with its tensor shapes."""
@@ -51,27 +51,6 @@ class Rule:
         """Write the spec's attributes onto the module; a rule whose attribute is not a plain int overrides this."""
         for name, value in attributes.items():
             setattr(module, name, value)
-
-    def affine(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """A norm's per-channel ``(scale, shift)`` in eval mode: it computes ``x * scale + shift``."""
-        raise NotImplementedError(f"{type(self).__name__} cannot be folded")
-
-    def absorb(self, module: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
-        """Fold ``y * scale + shift``, per output channel, into the module's weight and bias (new parameters).
-
-        >>> conv = nn.Conv2d(1, 2, 1, bias=False)
-        >>> with torch.no_grad():
-        ...     _ = conv.weight.fill_(3.0)
-        ...     rule_for(conv).absorb(conv, torch.tensor([2.0, 0.5]), torch.tensor([1.0, -1.0]))
-        >>> conv.weight.flatten().tolist(), conv.bias.tolist()
-        ([6.0, 1.5], [1.0, -1.0])
-        """
-        if not self.absorbs:
-            raise NotImplementedError(f"{type(self).__name__} cannot absorb a norm")
-        weight, bias = module.weight, module.bias
-        folded_bias = shift if bias is None else bias * scale + shift
-        module.weight = nn.Parameter(weight * scale.view(-1, *[1] * (weight.dim() - 1)), weight.requires_grad)
-        module.bias = nn.Parameter(folded_bias, weight.requires_grad)
 
 
 class ConvRule(Rule):
@@ -161,21 +140,6 @@ class BatchNormRule(PerChannelNormRule):
     """Batch norms: in eval mode a fixed per-channel scale and shift, which can be folded into the layer before."""
 
     folds = True
-
-    def affine(self, module):
-        """``(scale, shift)`` from the running statistics.
-
-        >>> bn = nn.BatchNorm1d(2, eps=0.0).eval()
-        >>> bn.running_var.fill_(4.0), bn.running_mean.fill_(1.0)  # doctest: +ELLIPSIS
-        (...)
-        >>> [t.tolist() for t in rule_for(bn).affine(bn)]
-        [[0.5, 0.5], [-0.5, -0.5]]
-        """
-        scale = torch.rsqrt(module.running_var + module.eps)
-        if module.weight is not None:
-            scale = scale * module.weight
-        shift = -module.running_mean * scale
-        return scale, shift if module.bias is None else shift + module.bias
 
 
 class PReLURule(Rule):
