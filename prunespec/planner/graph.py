@@ -67,11 +67,24 @@ class Slots:
         return ra
 
     def union_all(self, a: list[int], b: list[int]) -> None:
+        """`union` of ``a[i]`` and ``b[i]`` for every i.
+
+        This is the planner's innermost loop (a squeeze-and-excitation product ties hundreds of channels at a
+        time), so it resolves the roots with `find` and links them itself rather than calling `union` per pair.
+        """
         if a is b:
             return
+        parent, reason, find = self.parent, self.reason, self.find
         for x, y in zip(a, b):
-            if x != y:
-                self.union(x, y)
+            ra, rb = find(x), find(y)
+            if ra == rb:
+                continue
+            if rb < ra:
+                ra, rb = rb, ra
+            parent[rb] = ra
+            if rb in reason:
+                reason.setdefault(ra, reason.pop(rb))
+        self._roots = None
 
     def pin(self, slots, reason: str) -> None:
         for s in slots:

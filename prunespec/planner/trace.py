@@ -26,19 +26,11 @@ from torch.utils._pytree import tree_leaves
 from prunespec.applier.rules import rule_for, runs_own_forward
 from prunespec.planner import ops
 from prunespec.planner.graph import ChannelGraph, ChannelMap, Fold, SplitMap
+from prunespec.planner.meta import made_output
 
 OUTPUT = "reaches the model output"
 UNLABELLED = "comes from a model input or a tensor made in forward"
 
-# Normalisations and activations return a tensor of their input's shape and dtype. On the meta device most of
-# their kernels are Python decompositions costing from a tenth of a millisecond to several a call (most of a meta
-# trace), so a meta run makes the output directly; an in-place call returns its input, as the real op does.
-SHAPED_LIKE_INPUT = {
-    "batch_norm", "instance_norm", "layer_norm", "group_norm", "relu", "relu_", "relu6", "hardtanh", "hardtanh_",
-    "sigmoid", "sigmoid_", "tanh", "tanh_", "silu", "hardswish", "hardsigmoid", "gelu", "elu", "selu", "celu",
-    "leaky_relu", "mish", "softplus", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
-    "feature_alpha_dropout",
-}  # fmt: skip
 # The arguments besides tensors that `_signature` compares by value (and type: True, 1 and 1.0 differ); bool is an int.
 PLAIN = (int, float, str, type(None), type(Ellipsis), torch.dtype, torch.device, torch.layout, torch.memory_format)
 
@@ -81,12 +73,10 @@ class Tracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.current_op = getattr(func, "__name__", "")
-        x = args[0] if args else kwargs.get("input")
-        if self.meta and self.current_op in SHAPED_LIKE_INPUT and isinstance(x, torch.Tensor) and x.is_meta:
-            in_place = self.current_op.endswith("_") or kwargs.get("inplace") is True
-            out = x if in_place else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        elif self.meta:
-            out = self._call_meta(func, args, kwargs)
+        if self.meta:
+            out = made_output(self.current_op, args, kwargs)
+            if out is None:
+                out = self._call_meta(func, args, kwargs)
         else:
             out = func(*args, **kwargs)
         self.op_counts[self.current_op] += 1
@@ -106,9 +96,9 @@ class Tracer(TorchFunctionMode):
 
         A meta output depends only on the call: the op, the shapes, strides and dtypes of its tensors and its other
         arguments. Models repeat calls (every block of a stage, every layer of a transformer), and many meta kernels
-        are Python decompositions (a convolution, a pooling, a broadcasting product) costing a tenth of a
-        millisecond to one. Only calls that returned a new tensor are remembered: not an input (an in-place op),
-        not a view of one, not a tuple, not a tensor with data.
+        are Python decompositions costing a tenth of a millisecond to one. This is for the calls that
+        `meta.made_output` cannot make from their arguments alone. Only calls that returned a new tensor are
+        remembered: not an input (an in-place op), not a view of one, not a tuple, not a tensor with data.
         """
         arguments = _signature((args, kwargs))
         key = (func, arguments) if arguments is not None else None
