@@ -1,8 +1,9 @@
 """The planner: trace a model once and compile a pruning request into a `PruningSpec`.
 
-The pipeline is one file per stage, read in this order: `trace` (with the per-op rules in `ops`) builds a
-`graph.ChannelGraph`; `resolve` decides which channels go; `reorder` chooses their order; `compile` writes the
-spec; `verify` checks plans that rely on ops followed on trust. `plan` below runs them all.
+The pipeline is one file per stage, read in this order: `trace` (with the per-op rules in `ops`, and in `meta`
+the outputs it makes without running an op) builds a `graph.ChannelGraph`; `resolve` decides which channels go;
+`reorder` chooses their order; `compile` writes the spec; `verify` checks plans that rely on ops followed on trust.
+`plan` below runs them all.
 """
 
 from __future__ import annotations
