@@ -58,7 +58,7 @@ def _like_input(op: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return None
     if op.endswith("_") or kwargs.get("inplace") is True:
         return x
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return _empty(x.shape, x)
 
 
 def _broadcast(op: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
