@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from prunespec.applier import RULES, GENERIC, InputSubselection, Rule, check, mock, prune, rule_for
-from prunespec.applier.validate import _decode_together, decode_kept
+from prunespec.applier.validate import _decode_together, decode_kept, select_kept
 from prunespec.errors import SpecError
 from prunespec.schemas import LayerSpec, PruningSpec, Request, Subselection, Summary, encode_runs, parse_runs
 
@@ -686,3 +686,42 @@ def test_pruned_tensors_are_contiguous_and_own_their_memory(keep):
         assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), key
         if tensor.shape != model.state_dict()[key].shape:
             assert tensor.untyped_storage().data_ptr() not in old_storages, key
+
+
+@st.composite
+def _tensor_and_kept(draw):
+    """A tensor of 1-4 axes and, per axis, nothing listed, every entry in order, one ascending run, or any subset in
+    any order (a gather)."""
+    shape = draw(st.lists(st.integers(1, 6), min_size=1, max_size=4))
+    kept = []
+    for axis, size in enumerate(shape):
+        # Gathers on both channel axes of a convolution weight take their own path: make them common.
+        how = draw(st.sampled_from((["gather"] * 3 if axis < 2 else []) + ["none", "all", "run", "gather"]))
+        if how == "none":
+            kept.append(None)
+            continue
+        if how == "all":
+            indices = list(range(size))
+        elif how == "run":
+            start = draw(st.integers(0, size - 1))
+            indices = list(range(start, draw(st.integers(start, size))))
+        else:
+            indices = draw(st.permutations(range(size)))[: draw(st.integers(0, size))]
+        kept.append(encode_runs(indices))
+    return torch.randn(shape, dtype=torch.float64), kept
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=_tensor_and_kept())
+def test_select_kept_matches_indexing_axis_by_axis(case):
+    tensor, runs = case
+    kept = [None if r is None else decode_kept(r, size, "") for r, size in zip(runs, tensor.shape)]
+    expected = tensor
+    for axis, k in enumerate(kept):
+        if k is not None:
+            expected = expected.index_select(axis, k.indices)
+    selected = select_kept(tensor, kept)
+    assert torch.equal(selected, expected)
+    if selected is not tensor:
+        assert selected.is_contiguous()
+        assert selected.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr()
