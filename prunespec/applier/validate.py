@@ -478,18 +478,13 @@ def select_kept(tensor: torch.Tensor, kept: list[Kept | None]) -> torch.Tensor:
         if axis_kept.start is not None:
             selected = selected.narrow(axis, axis_kept.start, len(axis_kept.indices))
     gathers = [(axis, axis_kept) for axis, axis_kept in changed if axis_kept.start is None]
-    if [axis for axis, _ in gathers] == [0, 1] and len(changed) == 2 and _kernel_size(tensor) >= 2:
+    if [axis for axis, _ in gathers] == [0, 1] and len(changed) == 2 and math.prod(tensor.shape[2:]) >= 2:
         return _gather_kernels(tensor, gathers[0][1], gathers[1][1])
     for axis, axis_kept in gathers:
         selected = selected.index_select(axis, axis_kept.gather_indices(selected.device))
     if changed and not gathers:
         selected = selected.clone(memory_format=torch.contiguous_format)
     return selected
-
-
-def _kernel_size(tensor: torch.Tensor) -> int:
-    """Entries per (output, input) channel pair: 9 for a 3x3 convolution weight, 1 for a linear one."""
-    return math.prod(tensor.shape[2:]) if tensor.ndim > 2 else 1
 
 
 def _gather_kernels(tensor: torch.Tensor, outputs: Kept, inputs: Kept) -> torch.Tensor:
