@@ -12,6 +12,7 @@ specs shows which layers changed.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -458,10 +459,29 @@ _MIGRATIONS = {"1.0": _from_1_0, "1.1": _from_1_1}
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of a spec file, generated from the Structs above."""
-    schema = msgspec.json.schema(PruningSpec)
+    schema = _canonical(msgspec.json.schema(PruningSpec))
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = f"prunespec pruning spec, schema version {SCHEMA_VERSION}"
     return schema
+
+
+def _canonical(node: Any) -> Any:
+    r"""`node` the same whatever msgspec wrote it: versions differ in the indentation of the docstrings they copy
+    into descriptions and in the order of `anyOf` alternatives, neither of which changes what the schema accepts.
+
+    >>> _canonical({"anyOf": [{"type": "null"}, {"$ref": "#/$defs/A"}], "description": "One.\n\n    Two."})
+    {'anyOf': [{'$ref': '#/$defs/A'}, {'type': 'null'}], 'description': 'One.\n\nTwo.'}
+    """
+    if isinstance(node, list):
+        return [_canonical(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _canonical(value) for key, value in node.items()}
+    if isinstance(out.get("description"), str):
+        out["description"] = inspect.cleandoc(out["description"])
+    if "anyOf" in out:
+        out["anyOf"] = sorted(out["anyOf"], key=lambda alternative: json.dumps(alternative, sort_keys=True))
+    return out
 
 
 SCHEMA_PATH = Path(__file__).with_name("prunespec.schema.json")
