@@ -1,6 +1,6 @@
 """Performance benchmark of prunespec against its peers (upscale, torch_pruning); `make bench` runs it.
 
-    python benchmarks/bench.py                      # everything (about 20-30 minutes on two cores)
+    python benchmarks/bench.py                      # everything (about 45 minutes on two cores)
     python benchmarks/bench.py --quick              # a small subset, a few minutes
     python benchmarks/bench.py --models resnet18 --skip-scaling --skip-memory --no-readme
 
@@ -12,9 +12,9 @@ the "Performance" section of README.md between `<!-- bench:start -->` and `<!-- 
 2. `applying`: `load_spec` + `prune` on a copy of the model vs upscale's `compute` + `prune` (it must trace again).
 3. `latency`: the dense model against the models pruned by prunespec and by upscale (reordered and not), with
    MACs from one hook-based counter (`common.count_macs`) and the realized speedup efficiency; on CPU, and on CUDA
-   when available. Also the same request in constrained mode, the prunespec model with its batch norms folded
-   (against the dense model as it is and folded the same way), a `torch.export`ed program of the prunespec model,
-   and max |pruned - mock|.
+   when available. Also the same request in constrained mode, the prunespec model with its batch norms folded,
+   then also laid out channels-last (`to_channels_last`; each against the dense model as it is and prepared the
+   same way), a `torch.export`ed program of the prunespec model, and max |pruned - mock|.
 4. `scaling`: planning time and peak memory over model depth/width, input resolution and batch size.
 5. `profile`: torch.profiler's top ops of one pruned resnet50 from prunespec and from upscale.
 
@@ -232,6 +232,11 @@ class Bench:
         # Batch norms folded into the layers before them, and the dense model folded the same way for a fair peer.
         build("prunespec_folded", lambda: prunespec.prune(copy.deepcopy(model), spec, fold_norms=True))
         build("dense_folded", lambda: prunespec.fold_norms(copy.deepcopy(model), spec), model)
+        # Folded, then channels-last with the costly gathers filled as zero columns (`apply --fold-norms
+        # --channels-last`), and the dense model laid out the same way.
+        laid_out = prunespec.to_channels_last
+        build("prunespec_channels_last", lambda: laid_out(prunespec.prune(copy.deepcopy(model), spec, fold_norms=True)))
+        build("dense_channels_last", lambda: laid_out(prunespec.fold_norms(copy.deepcopy(model), spec)), model)
         # The same request in constrained mode: more channels go, and nothing is gathered at run time.
         tight = prunespec.plan(model, [x], pruned_inputs=request, constrained=True)
         tight_mock = prunespec.mock(model, tight)

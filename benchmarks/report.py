@@ -200,20 +200,41 @@ def latency(rows: list[dict]) -> list[str]:
         ]  # fmt: skip
         out += table(["model", "p", "dense ms", "constrained ms", "speedup", "GMACs dense", "GMACs", "eff",
                       "max\\|Δ\\|"], body)  # fmt: skip
-        out += folded(device, batch, group)
+        for entry in INFERENCE_TABLES:
+            out += inference(device, batch, group, *entry)
     return out
 
 
-def folded(device: str, batch: int, group: list[dict]) -> list[str]:
-    """The unconstrained models again with their batch norms folded (`prune(..., fold_norms=True)`), against the
-    dense model as it is and folded the same way (`fold_norms`)."""
+# (pruned variant, dense variant prepared the same way, short name, what was done to both)
+INFERENCE_TABLES = [
+    (
+        "prunespec_folded",
+        "dense_folded",
+        "folded",
+        "with their batch norms folded into the layers before them (`apply --fold-norms`)",
+    ),
+    (
+        "prunespec_channels_last",
+        "dense_channels_last",
+        "channels-last",
+        "folded, then laid out channels-last with the gathers that cost more than zero columns in the consumer's "
+        "weight filled (`apply --fold-norms --channels-last`)",
+    ),
+]
+
+
+def inference(device: str, batch: int, group: list[dict], key: str, dense_key: str, short: str, how: str) -> list[str]:
+    """The unconstrained models again as prepared for inference (`key`), against the dense model as it is and
+    prepared the same way (`dense_key`). Efficiency counts the MACs the spec keeps (`spec.summary.macs_after`),
+    however many the laid-out model runs: zero columns are work it does for speed, not work pruning left."""
     body = []
     for r in group:
         v = r["variants"]
-        f, dense_f = v.get("prunespec_folded"), v.get("dense_folded")
+        f, dense_f = v.get(key), v.get(dense_key)
         if f is None or dense_f is None:
             continue
         latency, dense_latency = f.get("latency"), dense_f.get("latency")
+        kept = {**f, "macs": r["spec_macs"][1]}
         body.append(
             [
                 r["model"],
@@ -224,8 +245,9 @@ def folded(device: str, batch: int, group: list[dict]) -> list[str]:
                 ratio(latency, v["upscale"].get("latency")),
                 ratio(latency, v["upscale_noreorder"].get("latency")),
                 ratio(r["dense"], latency),
-                _eff(r, f),
-                _eff(r, f, dense_latency),
+                _gmacs(f) + f" ({r['spec_macs'][1] / 1e9:.2f})",
+                _eff(r, kept),
+                _eff(r, kept, dense_latency),
                 f"{f['max_abs_diff_vs_mock']:.1e}" if "max_abs_diff_vs_mock" in f else "–",
             ]
         )
@@ -235,20 +257,21 @@ def folded(device: str, batch: int, group: list[dict]) -> list[str]:
         "model",
         "p",
         "dense ms",
-        "dense folded ms",
-        "ps folded ms",
-        "folded/upscale",
-        "folded/upscale no-reorder",
+        f"dense {short} ms",
+        f"ps {short} ms",
+        f"{short}/upscale",
+        f"{short}/upscale no-reorder",
         "speedup vs dense",
+        "GMACs run (kept)",
         "eff vs dense",
-        "eff vs dense folded",
+        f"eff vs dense {short}",
         "max\\|Δ\\|",
     ]
     note = (
-        f"The unconstrained models with their batch norms folded into the layers before them ({device.upper()}, "
-        f"batch {batch}; `apply --fold-norms`, for inference). `eff vs dense` measures against the dense model as "
-        "it is, `eff vs dense folded` against the dense model folded the same way: the second is what pruning "
-        "alone gives."
+        f"The unconstrained models {how}, for inference: {device.upper()}, batch {batch}. `eff vs dense` measures "
+        f"against the dense model as it is, `eff vs dense {short}` against the dense model prepared the same way: "
+        "the second is what pruning alone gives. Both count the MACs the spec keeps; `GMACs run` also counts "
+        "zero columns."
     )
     return ["", note, "", *table(head, body)]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from prunespec.applier import build_pruned, fold_norms, mock, prune
+from prunespec.applier import build_pruned, fold_norms, mock, prune, to_channels_last
 from prunespec.errors import PlanError, SpecError
 from prunespec.schemas import SCHEMA_VERSION, PruningSpec, load_spec
 
@@ -35,6 +35,7 @@ __all__ = [
     "plan",
     "prune",
     "select",
+    "to_channels_last",
 ]
 
 

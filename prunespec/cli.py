@@ -351,6 +351,14 @@ def apply_command(
             "loses their keys).",
         ),
     ] = False,
+    channels_last: Annotated[
+        bool,
+        typer.Option(
+            "--channels-last",
+            help="For inference on CPU: channels-last memory, with the costly channel gathers folded into the "
+            "weights as zero columns (.pt2 output only).",
+        ),
+    ] = False,
 ) -> None:
     """Apply SPEC to MODEL and write the result: an exported program (.pt2) or a state dict."""
     with _reporting_errors():
@@ -362,21 +370,30 @@ def apply_command(
                 "--mock with a .safetensors output would save the original tensor shapes; "
                 "write the mock as .pt2, or drop --mock to save the pruned state dict"
             )
-        if mock and fold:
-            raise CliError("--mock keeps the model's layers as they are; drop --fold-norms, or --mock")
+        if mock and (fold or channels_last):
+            flag = "--fold-norms" if fold else "--channels-last"
+            raise CliError(f"--mock keeps the model's layers as they are; drop {flag}, or --mock")
+        if channels_last and suffix != ".pt2":
+            raise CliError(
+                "--channels-last widens some weights, so the state dict would not fit build_pruned; write a .pt2, "
+                "or drop --channels-last and call prunespec.to_channels_last after loading the state dict"
+            )
         _check_output_folder(output)
 
         spec = prunespec.load_spec(spec_path)
         network = load_model(model, weights)
         original = copy.deepcopy(network) if verify else None
         result = prunespec.mock(network, spec) if mock else prunespec.prune(network, spec, fold_norms=fold)
+        if channels_last:
+            result = prunespec.to_channels_last(result)
 
         if original is not None:
             # Verify on separate copies: the output keeps its own dtype, and a failure writes nothing. Norms are
             # folded in float64 too, so that the check sees the plan, not the rounding of folded float32 weights.
             pruned = prunespec.prune(copy.deepcopy(original), spec).double()
+            pruned = prunespec.fold_norms(pruned, spec) if fold else pruned
             difference = _max_difference(
-                pruned=prunespec.fold_norms(pruned, spec) if fold else pruned,
+                pruned=prunespec.to_channels_last(pruned) if channels_last else pruned,
                 mocked=prunespec.mock(original, spec),
                 inputs=example_inputs(spec, torch.float64),
             )
@@ -386,7 +403,8 @@ def apply_command(
 
         _write_model(result, spec, output)
         folded = f", {len(spec.norm_folds)} batch norms folded" if fold else ""
-        typer.echo(f"wrote {output} ({'mock' if mock else 'pruned'} model{folded})")
+        layout = ", channels-last" if channels_last else ""
+        typer.echo(f"wrote {output} ({'mock' if mock else 'pruned'} model{folded}{layout})")
 
 
 @app.command("apply-checkpoint")

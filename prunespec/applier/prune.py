@@ -81,20 +81,23 @@ class InputSubselection:
 
     The positions live on the module as the non-persistent buffer `_prunespec_input_indices`, so `.to(device)`
     moves them and the state_dict keys stay those of the unpruned model. When the positions are one ascending run
-    the hook slices (`narrow`, no copy); otherwise it gathers (`index_select`). It is a plain class rather than a
-    closure so that `torch.save(model)` and `copy.deepcopy` work.
+    the hook slices (`narrow`, no copy); otherwise it gathers (`index_select`). `channels` is the size of the input
+    along `axis`, before the subselection. It is a plain class rather than a closure so that `torch.save(model)`
+    and `copy.deepcopy` work.
 
     >>> import torch
     >>> conv = nn.Conv2d(2, 1, 1)
     >>> conv.register_buffer(INDICES_BUFFER, torch.tensor([3, 0]), persistent=False)
-    >>> InputSubselection(axis=-3, start=None, length=2)(conv, (torch.arange(4.).view(1, 4, 1, 1),))[0].flatten()
+    >>> hook = InputSubselection(axis=-3, start=None, length=2, channels=4)
+    >>> hook(conv, (torch.arange(4.).view(1, 4, 1, 1),))[0].flatten()
     tensor([3., 0.])
     """
 
-    def __init__(self, axis: int, start: int | None, length: int):
+    def __init__(self, axis: int, start: int | None, length: int, channels: int):
         self.axis = axis
         self.start = start
         self.length = length
+        self.channels = channels
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         x, *rest = args
@@ -106,9 +109,9 @@ class InputSubselection:
 
     def __repr__(self) -> str:
         how = f"narrow({self.start}, {self.length})" if self.start is not None else f"index_select({self.length})"
-        return f"InputSubselection(axis={self.axis}, {how})"
+        return f"InputSubselection(axis={self.axis}, {how} of {self.channels})"
 
 
 def _install_subselection(module: nn.Module, gather: InputGather) -> None:
     module.register_buffer(INDICES_BUFFER, gather.indices, persistent=False)
-    module.register_forward_pre_hook(InputSubselection(gather.axis, gather.start, len(gather.indices)))
+    module.register_forward_pre_hook(InputSubselection(gather.axis, gather.start, len(gather.indices), gather.channels))
