@@ -64,8 +64,9 @@ def fill_pays(module: nn.Module, channels: int) -> bool:
 
     Per pixel of the input, a gather copies one value for each channel the consumer reads. Zero columns cost
     ``(channels - read) * out_channels * kernel size`` extra multiply-accumulates per output pixel, and a strided
-    convolution has fewer output pixels than input pixels. Only a convolution with ``groups=1`` and its own
-    forward can take zero columns: its weight's axis 1 holds its input channels, one to one.
+    convolution has fewer output pixels than input pixels. Only a 2-D convolution (the layers whose memory
+    `to_channels_last` changes) whose rule says its weight's axis 1 holds its input channels one to one
+    (``groups=1``), and which runs its own forward, can take zero columns.
 
     >>> fill_pays(nn.Conv2d(179, 64, 1), channels=256)  # a resnet50 stage-1 block's first convolution
     True
@@ -74,9 +75,11 @@ def fill_pays(module: nn.Module, channels: int) -> bool:
     >>> fill_pays(nn.Conv2d(8, 8, 3, groups=8), channels=16)  # depthwise: each channel has its own filter
     False
     """
-    if not (isinstance(module, nn.Conv2d) and module.groups == 1 and runs_own_forward(module)):
+    weight = getattr(module, "weight", None)
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 4 and rule_for(module).fills_input(module)):
         return False
-    weight = module.weight
+    if not runs_own_forward(module):
+        return False
     read = weight.shape[1]
     extra = (channels - read) * weight.shape[0] * math.prod(weight.shape[2:]) / math.prod(module.stride)
     return extra <= FILL_MACS_PER_GATHERED_VALUE * read

@@ -47,6 +47,11 @@ class Rule:
         """How many input channels the pruned module reads (the length a subselection must have)."""
         raise NotImplementedError(f"{type(self).__name__} takes no input subselection")
 
+    def fills_input(self, module: nn.Module) -> bool:
+        """Whether the module's weight axis 1 holds its input channels one to one, so that zero columns there can
+        stand in for an input subselection (see `layout`)."""
+        return False
+
     def set_attributes(self, module: nn.Module, attributes: Mapping[str, int]) -> None:
         """Write the spec's attributes onto the module; a rule whose attribute is not a plain int overrides this."""
         for name, value in attributes.items():
@@ -88,6 +93,9 @@ class ConvRule(Rule):
     def input_channels(self, attributes, tensors):
         return attributes["in_channels"]
 
+    def fills_input(self, module):
+        return not self.transposed and module.groups == 1
+
     def derive(self, module, shapes):
         whole, per_group = shapes["weight"][:2]
         # A depthwise convolution stays depthwise: its groups shrink with its channels.
@@ -114,6 +122,9 @@ class LinearRule(Rule):
 
     def input_channels(self, attributes, tensors):
         return attributes["in_features"]
+
+    def fills_input(self, module):
+        return True
 
     def derive(self, module, shapes):
         return {"out_features": shapes["weight"][0], "in_features": shapes["weight"][1]}
