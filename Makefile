@@ -52,7 +52,7 @@ clean:
 zoo: install
 	$(PYTHON) scripts/zoo.py
 
-# Time planning, applying and the pruned models' latency against the peers upscale and torch_pruning (about 45
+# Time planning, applying and the pruned models' latency against the peers upscale and torch_pruning (25-45
 # minutes on two cores); writes out/bench.json and the Performance section of README.md. `$(PYTHON)
 # benchmarks/bench.py --quick` is a short subset; `--help` lists the `--models` and `--skip-*` options, which
 # `make bench BENCH_ARGS="--quick"` passes on. --no-deps: apple-upscale 0.1.1 pins torch==2.0.1, which would

@@ -1,6 +1,6 @@
 """Performance benchmark of prunespec against its peers (upscale, torch_pruning); `make bench` runs it.
 
-    python benchmarks/bench.py                      # everything (about 45 minutes on two cores)
+    python benchmarks/bench.py                      # everything (25-45 minutes on two cores)
     python benchmarks/bench.py --quick              # a small subset, a few minutes
     python benchmarks/bench.py --models resnet18 --skip-scaling --skip-memory --no-readme
 
