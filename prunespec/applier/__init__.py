@@ -3,8 +3,9 @@
 Reading order: `validate.check` (everything a spec must satisfy, and the changes it implies), `prune.prune` (assign
 those changes), `mock.mock` (the same result computed by zeroing instead of removing), `rules` (one small rule per
 module type, which is where a new layer type is taught), `fold` (batch norms folded into the layer before them,
-for inference), and `layout` (channels-last memory for inference on CPU, with costly gathers folded into weights). This package imports only torch, msgspec, the standard library, `prunespec.schemas` and
-`prunespec.errors`, never the planner.
+for inference), and `layout` (channels-last memory for inference on CPU, with costly gathers folded into weights).
+This package imports only torch, msgspec, the standard library, `prunespec.schemas` and `prunespec.errors`, never
+the planner.
 """
 
 from prunespec.applier.fold import fold_norms

@@ -86,7 +86,8 @@ def fill_pays(module: nn.Module, channels: int) -> bool:
 
 
 def _gather_of(module: nn.Module) -> InputSubselection | None:
-    """The module's input subselection when it gathers (a slice costs no copy, so it is left alone)."""
+    """The module's input subselection when it gathers. A slice is left alone: on channels-last memory it is copied
+    too, but at a fraction of a gather's cost, and zero columns in its place gained nothing measurable."""
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, InputSubselection) and hook.start is None:
             return hook
