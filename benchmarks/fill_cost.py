@@ -5,9 +5,8 @@
 For consumer shapes from pruned resnet50 and mobilenet_v2 (input channels, channels read, outputs, kernel, map
 size, stride), it times a channels-last convolution that reads a gather of its input (`index_select` on the
 channel axis, what `InputSubselection` does) against one that reads the whole input through zero columns, and
-prints the cost model's choice beside the faster of the two. The ratio column is the model's own measure: extra
-multiply-accumulates of the zero columns per value the gather copies, which it compares with
-`FILL_MACS_PER_GATHERED_VALUE`.
+prints the cost model's choice beside the faster of the two. The ratio column is the model's own measure
+(`extra_macs_per_gathered_value`), which it compares with `FILL_MACS_PER_GATHERED_VALUE`.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import common
 import torch
 from torch import nn
 
-from prunespec.applier.layout import FILL_MACS_PER_GATHERED_VALUE, fill_pays
+from prunespec.applier.layout import FILL_MACS_PER_GATHERED_VALUE, extra_macs_per_gathered_value, fill_pays
 
 # (input channels, channels read, output channels, kernel, map size, stride)
 SHAPES = [
@@ -51,11 +50,10 @@ def measure(channels: int, read: int, out: int, kernel: int, size: int, stride: 
             rounds=15,
             min_time=0.02,
         )
-    ratio = (channels - read) * out * kernel * kernel / stride**2 / read
     return {
         "gather_ms": times["gather"]["median_ms"],
         "fill_ms": times["fill"]["median_ms"],
-        "ratio": ratio,
+        "ratio": extra_macs_per_gathered_value(gathered, channels),
         "model_fills": fill_pays(gathered, channels),
     }
 

@@ -62,11 +62,9 @@ def to_channels_last(model: nn.Module) -> nn.Module:
 def fill_pays(module: nn.Module, channels: int) -> bool:
     """Whether `module` should read all `channels` of its input through zero columns rather than gather some.
 
-    Per pixel of the input, a gather copies one value for each channel the consumer reads. Zero columns cost
-    ``(channels - read) * out_channels * kernel size`` extra multiply-accumulates per output pixel, and a strided
-    convolution has fewer output pixels than input pixels. Only a 2-D convolution (the layers whose memory
-    `to_channels_last` changes) whose rule says its weight's axis 1 holds its input channels one to one
-    (``groups=1``), and which runs its own forward, can take zero columns.
+    Only a 2-D convolution (the layers whose memory `to_channels_last` changes) whose rule says its weight's axis 1
+    holds its input channels one to one (``groups=1``), and which runs its own forward, can take zero columns;
+    then they pay when `extra_macs_per_gathered_value` is at most `FILL_MACS_PER_GATHERED_VALUE`.
 
     >>> fill_pays(nn.Conv2d(179, 64, 1), channels=256)  # a resnet50 stage-1 block's first convolution
     True
@@ -80,9 +78,22 @@ def fill_pays(module: nn.Module, channels: int) -> bool:
         return False
     if not runs_own_forward(module):
         return False
+    return extra_macs_per_gathered_value(module, channels) <= FILL_MACS_PER_GATHERED_VALUE
+
+
+def extra_macs_per_gathered_value(conv: nn.Conv2d, channels: int) -> float:
+    """The multiply-accumulates zero columns would add to `conv`, per value a gather of its input copies.
+
+    Per pixel of the input, a gather copies one value for each channel the convolution reads. Zero columns cost
+    ``(channels - read) * out_channels * kernel size`` extra multiply-accumulates per output pixel, and a strided
+    convolution has fewer output pixels than input pixels.
+
+    >>> extra_macs_per_gathered_value(nn.Conv2d(2, 8, 3, stride=2), channels=6)  # 4 * 8 * 9 / 4 per 2 read
+    36.0
+    """
+    weight = conv.weight
     read = weight.shape[1]
-    extra = (channels - read) * weight.shape[0] * math.prod(weight.shape[2:]) / math.prod(module.stride)
-    return extra <= FILL_MACS_PER_GATHERED_VALUE * read
+    return (channels - read) * weight.shape[0] * math.prod(weight.shape[2:]) / math.prod(conv.stride) / read
 
 
 def _gather_of(module: nn.Module) -> InputSubselection | None:
