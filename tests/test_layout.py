@@ -31,20 +31,28 @@ def _subselections(model: nn.Module) -> dict[str, InputSubselection]:
     }
 
 
-def _planned(name: str, seed: int, dtype: torch.dtype = torch.float64):
+def _planned(name: str, seed: int, dtype: torch.dtype = torch.float64, **plan_kwargs):
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)(weights=None).to(dtype).eval()
     randomize_norms(model, seed)
     inputs = [x.to(dtype) for x in inputs_for([(2, 3, 64, 64)], seed)]
-    spec = prunespec.plan(model, inputs, *random_request(model, inputs, seed, 0.3, "input"))
+    spec = prunespec.plan(model, inputs, *random_request(model, inputs, seed, 0.3, "input"), **plan_kwargs)
     return model, inputs, spec
 
 
+MODES = {
+    "reordered": {},
+    "not reordered": {"reorder": False},  # more gathers: no slices
+    "constrained": {"constrained": True},  # no gathers at all: only the layout changes
+}
+
+
 @pytest.mark.parametrize("fold", [False, True], ids=["unfolded", "folded"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "densenet121"])
-def test_a_channels_last_pruned_model_equals_the_mock(name, seed, fold):
-    model, inputs, spec = _planned(name, seed)
+def test_a_channels_last_pruned_model_equals_the_mock(name, seed, mode, fold):
+    model, inputs, spec = _planned(name, seed, **MODES[mode])
     pruned = prunespec.prune(copy.deepcopy(model), spec, fold_norms=fold)
     before = _subselections(pruned)
     gathers = {n: h for n, h in before.items() if h.start is None}
@@ -54,7 +62,10 @@ def test_a_channels_last_pruned_model_equals_the_mock(name, seed, fold):
 
     after = _subselections(pruned)
     filled = [n for n in gathers if n not in after]
-    assert filled, "the pattern should give at least one gather worth filling"
+    if mode == "constrained":
+        assert not before and not after
+    else:
+        assert filled, "the pattern should give at least one gather worth filling"
     for n in filled:
         module = pruned.get_submodule(n)
         assert module.weight.shape[1] == gathers[n].channels == module.in_channels
