@@ -128,12 +128,13 @@ def test_the_cli_writes_a_channels_last_program_and_refuses_other_outputs(tmp_pa
     model, inputs, spec = _planned("resnet50", 0, torch.float32)  # the CLI builds the model in float32
     spec_path = tmp_path / "resnet50.prunespec.json"
     spec.save(spec_path)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
     pruned = prunespec.prune(copy.deepcopy(model), spec)
     gathers = {n: h for n, h in _subselections(pruned).items() if h.start is None}
     filled = [n for n, h in gathers.items() if fill_pays(pruned.get_submodule(n), h.channels)]
     assert filled
 
-    apply = ["apply", spec_path, "torchvision:resnet50", "--channels-last"]
+    apply = ["apply", spec_path, "torchvision:resnet50", "--weights", tmp_path / "weights.pt", "--channels-last"]
     runs = run_all(
         {
             "pt2": [*apply, "-o", "out.pt2", "--fold-norms", "--verify"],
@@ -144,11 +145,16 @@ def test_the_cli_writes_a_channels_last_program_and_refuses_other_outputs(tmp_pa
     )
     assert_ok(runs["pt2"])
     assert "channels-last" in runs["pt2"].stdout and "max |pruned - mock| = " in runs["pt2"].stdout
+    assert runs["pt2"].stderr == ""
     program = torch.export.load(tmp_path / "pt2" / "out.pt2")
     weights = program.state_dict
     for name in filled:
         assert weights[f"{name}.weight"].shape[1] == gathers[name].channels
-    assert program.module()(inputs[0]).shape == (2, 1000)
+    # The stored channels-last weights come back with their values: the program computes what the model did.
+    laid_out = prunespec.to_channels_last(prunespec.prune(copy.deepcopy(model), spec, fold_norms=True))
+    with torch.no_grad():
+        expected = laid_out(inputs[0])
+        assert max_difference(program.module()(inputs[0]), expected) <= 1e-5 * expected.abs().max().item()
     assert_one_line_error(runs["state"], "--channels-last", ".pt2")
     assert_one_line_error(runs["mock"], "--mock", "--channels-last")
     assert not any((tmp_path / "state").iterdir()) and not any((tmp_path / "mock").iterdir())
