@@ -74,9 +74,8 @@ def fill_pays(module: nn.Module, channels: int) -> bool:
     False
     """
     weight = getattr(module, "weight", None)
-    if not (isinstance(weight, torch.Tensor) and weight.dim() == 4 and rule_for(module).fills_input(module)):
-        return False
-    if not runs_own_forward(module):
+    fillable = isinstance(weight, torch.Tensor) and weight.dim() == 4 and rule_for(module).fills_input(module)
+    if not (fillable and runs_own_forward(module)):
         return False
     return extra_macs_per_gathered_value(module, channels) <= FILL_MACS_PER_GATHERED_VALUE
 
