@@ -15,8 +15,9 @@ the "Performance" section of README.md between `<!-- bench:start -->` and `<!-- 
    when available. Also the same request in constrained mode, the prunespec model with its batch norms folded,
    then also laid out channels-last (`to_channels_last`; each against the dense model as it is and prepared the
    same way), a `torch.export`ed program of the prunespec model, and max |pruned - mock|.
-4. `scaling`: planning time and peak memory over model depth/width, input resolution and batch size.
-5. `profile`: torch.profiler's top ops of one pruned resnet50 from prunespec and from upscale.
+4. `mark`: resnet50's efficiency at 30% random, batch 1, over several round-robin blocks, to show its spread.
+5. `scaling`: planning time and peak memory over model depth/width, input resolution and batch size.
+6. `profile`: torch.profiler's top ops of one pruned resnet50 from prunespec and from upscale.
 
 Every number is a median over at least `--repeats` runs after warm-up (`common.time_it`); the models compared in
 one latency row are timed round-robin (`common.time_together`), so a slow spell hits them alike. Every comparison
@@ -50,7 +51,7 @@ import prunespec
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "densenet121", "efficientnet_b0", "convnext_tiny"]
-BATCH32_MODELS = ["resnet50", "mobilenet_v2"]  # batch 32 on two cores takes seconds per forward
+BATCH32_MODELS = ["resnet50", "mobilenet_v2"]  # batch 32 on every pattern; a forward takes seconds on two cores
 SCALING_MODELS = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "densenet121", "densenet161", "densenet169", "densenet201",
@@ -58,9 +59,11 @@ SCALING_MODELS = [
 RESOLUTIONS = [112, 224, 448, 896]
 BATCHES = [1, 8, 32]
 PROFILE_MODEL = "resnet50"
+MARK_MODEL = "resnet50"  # the efficiency mark of the performance issue: resnet50, 30% random, batch 1
 QUICK = {
     "models": ["resnet18", "mobilenet_v2"],
     "batch32_models": [],
+    "batch32_main_models": [],
     "fractions": [0.3],
     "scaling_models": ["resnet18", "resnet34"],
     "resolutions": [112, 224],
@@ -184,11 +187,13 @@ class Bench:
             model = common.build_model(name)
             x1 = common.example_input()
             dense_macs = common.count_macs(model, x1)
-            batches = [1] + ([self.args.big_batch] if name in self.args.batch32_models else [])
             runs = [(f, "random") for f in self.args.fractions] + [
                 (common.MAIN_FRACTION, p) for p in self.args.patterns
             ]
             for fraction, pattern in runs:
+                main = fraction == common.MAIN_FRACTION and pattern == "random"
+                big = name in self.args.batch32_models or (main and name in self.args.batch32_main_models)
+                batches = [1] + ([self.args.big_batch] if big else [])
                 self.log("latency", name, f"{fraction:.0%}", pattern)
                 request = self.request(name, model, fraction, pattern)
                 spec = prunespec.plan(model, [x1], pruned_inputs=request)
@@ -207,7 +212,6 @@ class Bench:
                             for key, info in variants.items()
                         }
                         rows.append(row)
-                main = fraction == common.MAIN_FRACTION and pattern == "random"
                 if main and not self.args.skip_export and "model" in variants["prunespec"]:
                     exports.append({"model": name, **self.exported(variants["prunespec"]["model"], x1)})
                 for info in variants.values():
@@ -278,7 +282,30 @@ class Bench:
 
         return guarded(run)
 
-    # ------------------------------------------------------------------------------------------ 4. scaling
+    # ------------------------------------------------------------------------------------------ 4. mark
+
+    def mark(self) -> dict:
+        """Resnet50's efficiency at 30% random, batch 1, in `--mark-blocks` separate round-robin blocks.
+
+        A latency row is one block, and its ratios move by a few hundredths from one run to the next; the blocks
+        here show how far, for the variant the efficiency mark is read on and its like-for-like peer."""
+        self.log("mark", MARK_MODEL)
+        model = common.build_model(MARK_MODEL)
+        x = common.example_input()
+        spec = prunespec.plan(model, [x], pruned_inputs=self.request(MARK_MODEL, model, common.MAIN_FRACTION))
+        laid_out = prunespec.to_channels_last
+        models = {
+            "dense": model,
+            "dense_channels_last": laid_out(prunespec.fold_norms(copy.deepcopy(model), spec)),
+            "prunespec": prunespec.prune(copy.deepcopy(model), spec),
+            "prunespec_folded": prunespec.prune(copy.deepcopy(model), spec, fold_norms=True),
+            "prunespec_channels_last": laid_out(prunespec.prune(copy.deepcopy(model), spec, fold_norms=True)),
+        }
+        blocks = [self.forward_times(models, "cpu", 1) for _ in range(self.args.mark_blocks)]
+        macs = {"dense": common.count_macs(model, x), "kept": spec.summary.macs_after}
+        return {"model": MARK_MODEL, "fraction": common.MAIN_FRACTION, "macs": macs, "blocks": blocks}
+
+    # ------------------------------------------------------------------------------------------ 5. scaling
 
     def scaling(self) -> dict:
         out: dict[str, list] = {"models": [self.scaling_model(name) for name in self.args.scaling_models]}
@@ -317,7 +344,7 @@ class Bench:
             row["memory"]["upscale"] = self.peak_memory("upscale", name, request, size, batch)
         return row
 
-    # ------------------------------------------------------------------------------------------ 5. profile
+    # ------------------------------------------------------------------------------------------ 6. profile
 
     def profile(self) -> dict:
         """torch.profiler's top ops (self CPU time) of pruned resnet50, batch 1, for prunespec and upscale."""
@@ -382,7 +409,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a small subset: two models, one pattern, no batch 32")
     parser.add_argument("--models", nargs="+", help=f"models for planning, applying, latency (default: {MODELS})")
     parser.add_argument(
-        "--batch32-models", nargs="*", help=f"models also timed at batch 32 (default: {BATCH32_MODELS})"
+        "--batch32-models",
+        nargs="*",
+        help=f"models also timed at batch 32 on every pattern (default: {BATCH32_MODELS})",
+    )
+    parser.add_argument(
+        "--batch32-main-models",
+        nargs="*",
+        help=f"models also timed at batch 32 on the {common.MAIN_FRACTION:.0%}% random pattern (default: all --models)",
     )
     parser.add_argument("--scaling-models", nargs="*", help="models of the scaling sweep")
     parser.add_argument("--fractions", nargs="+", type=float, help="pruned fractions (default: 0.1 0.3 0.5)")
@@ -391,10 +425,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"criterion patterns also timed at {common.MAIN_FRACTION:.0%}% (default: all of them)",
     )  # fmt: skip
     parser.add_argument(
-        "--big-batch", type=int, default=32, help="the batch size of the --batch32-models' second rows (default 32)"
+        "--big-batch",
+        type=int,
+        default=32,
+        help="the batch size of the second rows of --batch32-models and --batch32-main-models (default 32)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, at least (default 5)")
-    for section in ("planning", "apply", "latency", "scaling", "profile", "memory", "export", "upscale-sweep"):
+    parser.add_argument(
+        "--mark-blocks", type=int, default=5, help=f"round-robin blocks of the {MARK_MODEL} mark (default 5)"
+    )
+    for section in ("planning", "apply", "latency", "mark", "scaling", "profile", "memory", "export", "upscale-sweep"):
         parser.add_argument(f"--skip-{section}", action="store_true")
     parser.add_argument(
         "--image-channels", action="store_true", help="also request channels of the model input (upscale refuses)"
@@ -413,6 +453,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.models = args.models or quick.get("models", MODELS)
     if args.batch32_models is None:
         args.batch32_models = quick.get("batch32_models", BATCH32_MODELS)
+    if args.batch32_main_models is None:
+        args.batch32_main_models = quick.get("batch32_main_models", args.models)
     args.fractions = args.fractions or quick.get("fractions", list(common.FRACTIONS))
     if args.scaling_models is None:
         args.scaling_models = quick.get("scaling_models", SCALING_MODELS)
@@ -448,6 +490,7 @@ def main(argv=None) -> None:
         ("planning", args.skip_planning, lambda: {"planning": bench.planning()}),
         ("apply", args.skip_apply, lambda: dict(zip(("applying", "apply_profile"), bench.applying()))),
         ("latency", args.skip_latency, lambda: dict(zip(("latency", "export"), bench.latency()))),
+        ("mark", args.skip_mark, lambda: {"mark": bench.mark()}),
         ("scaling", args.skip_scaling, lambda: {"scaling": bench.scaling()}),
         ("profile", args.skip_profile, lambda: {"profile": bench.profile()}),
     ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 
@@ -53,6 +54,7 @@ def render(results: dict) -> str:
         ("apply_profile", apply_profile),
         ("latency", latency),
         ("export", export),
+        ("mark", mark),
         ("scaling", scaling),
         ("profile", profile),
     ):
@@ -304,6 +306,46 @@ def export(rows: list[dict]) -> list[str]:
         for r in rows
     ]  # fmt: skip
     return out + table(["model", "eager ms", "exported ms", "exported/eager", "export s"], body)
+
+
+# (column, pruned variant, dense variant it is measured against) of the mark's efficiencies
+MARK_EFFICIENCIES = [
+    ("eff ps", "prunespec", "dense"),
+    ("eff ps folded", "prunespec_folded", "dense"),
+    ("eff ps channels-last", "prunespec_channels_last", "dense"),
+    ("eff ps channels-last vs dense channels-last", "prunespec_channels_last", "dense_channels_last"),
+]
+
+
+def mark(section: dict) -> list[str]:
+    """One row per round-robin block of the efficiency mark, then the median and range of each efficiency."""
+    name, p = section["model"], f"{section['fraction']:.0%}"
+    mac_ratio = section["macs"]["dense"] / section["macs"]["kept"]
+    keys = list(section["blocks"][0])
+    effs: dict[str, list[float]] = {column: [] for column, _, _ in MARK_EFFICIENCIES}
+    body = []
+    for i, block in enumerate(section["blocks"], 1):
+        row = [str(i)] + [ms(block.get(key)) for key in keys]
+        for column, key, dense in MARK_EFFICIENCIES:
+            timed = "median_ms" in block.get(key, {}) and "median_ms" in block.get(dense, {})
+            if timed:
+                effs[column].append(block[dense]["median_ms"] / block[key]["median_ms"] / mac_ratio)
+            row.append(f"{effs[column][-1]:.2f}" if timed else "–")
+        body.append(row)
+    spread = [f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" if v else "–" for v in effs.values()]
+    body.append(["median (range)"] + [""] * len(keys) + spread)
+    note = (
+        f"{name} at {p} random, CPU, batch 1, timed in {len(section['blocks'])} separate round-robin blocks like one "
+        "latency row each, to show how far one row's efficiency moves between runs. Efficiency counts the MACs the "
+        f"spec keeps ({mac_ratio:.2f}x fewer than dense); channels-last is `apply --fold-norms --channels-last`."
+    )
+    head = ["block"] + [
+        f"{key.replace('prunespec', 'ps').replace('_channels_last', ' channels-last').replace('_', ' ')} ms"
+        for key in keys
+    ]
+    return [f"### The efficiency mark: {name}, {p} random, batch 1, over several blocks", "", note, ""] + table(
+        head + [column for column, _, _ in MARK_EFFICIENCIES], body
+    )
 
 
 def scaling(section: dict) -> list[str]:
