@@ -72,6 +72,7 @@ QUICK = {
 # Patterns chosen by an importance criterion, timed beside the random ones at the main fraction: `prunespec.select`
 # with these options on the input side (its default leaves out the layers reading the image or writing the logits).
 PATTERNS = {"l2": {"criterion": "l2"}, "l2/8": {"criterion": "l2", "round_to": 8}}
+QUIET_LOAD = 0.5  # a 1-minute load average above this when the run starts marks the machine as busy
 SLOW_AFTER = 30.0  # seconds: a single run this slow is reported as a single run rather than repeated
 
 
@@ -464,10 +465,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def settle(limit_s: float = 180.0) -> float:
+    """Wait until the 1-minute load average falls under `QUIET_LOAD`, at most `limit_s` seconds; return the wait.
+
+    `make bench` installs the peers first, and a minute of pip would otherwise make the run start on a machine that
+    looks busy. The average decays by a factor e per minute: from 2 (two busy cores) to 0.5 in under 1.5 minutes."""
+    start = time.perf_counter()
+    while os.getloadavg()[0] > QUIET_LOAD and time.perf_counter() - start < limit_s:
+        time.sleep(5)
+    return time.perf_counter() - start
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    waited_s = settle()
     started = time.perf_counter()
     load_before = os.getloadavg()
     results: dict = {
@@ -476,8 +489,9 @@ def main(argv=None) -> None:
             "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": common.machine(),
             "load_average_before": load_before,
+            "waited_for_quiet_s": waited_s,
             # Something else was running when the benchmark started: timings are then pessimistic and noisy.
-            "machine_busy": load_before[0] > 0.5,
+            "machine_busy": load_before[0] > QUIET_LOAD,
             "repeats": args.repeats,
             "fractions": args.fractions,
             "image_channels": args.image_channels,
