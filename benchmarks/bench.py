@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -233,15 +234,8 @@ class Bench:
             except Exception as e:  # noqa: BLE001
                 variants[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
 
-        build("prunespec", lambda: prunespec.prune(copy.deepcopy(model), spec))
-        # Batch norms folded into the layers before them, and the dense model folded the same way for a fair peer.
-        build("prunespec_folded", lambda: prunespec.prune(copy.deepcopy(model), spec, fold_norms=True))
-        build("dense_folded", lambda: prunespec.fold_norms(copy.deepcopy(model), spec), model)
-        # Folded, then channels-last with the costly gathers filled as zero columns (`apply --fold-norms
-        # --channels-last`), and the dense model laid out the same way.
-        laid_out = prunespec.to_channels_last
-        build("prunespec_channels_last", lambda: laid_out(prunespec.prune(copy.deepcopy(model), spec, fold_norms=True)))
-        build("dense_channels_last", lambda: laid_out(prunespec.fold_norms(copy.deepcopy(model), spec)), model)
+        for key, make in prepared(model, spec).items():
+            build(key, make, model if key.startswith("dense") else spec_mock)
         # The same request in constrained mode: more channels go, and nothing is gathered at run time.
         tight = prunespec.plan(model, [x], pruned_inputs=request, constrained=True)
         tight_mock = prunespec.mock(model, tight)
@@ -294,13 +288,10 @@ class Bench:
         model = common.build_model(MARK_MODEL)
         x = common.example_input()
         spec = prunespec.plan(model, [x], pruned_inputs=self.request(MARK_MODEL, model, common.MAIN_FRACTION))
-        laid_out = prunespec.to_channels_last
-        models = {
-            "dense": model,
-            "dense_channels_last": laid_out(prunespec.fold_norms(copy.deepcopy(model), spec)),
-            "prunespec": prunespec.prune(copy.deepcopy(model), spec),
-            "prunespec_folded": prunespec.prune(copy.deepcopy(model), spec, fold_norms=True),
-            "prunespec_channels_last": laid_out(prunespec.prune(copy.deepcopy(model), spec, fold_norms=True)),
+        makers = prepared(model, spec)
+        models = {"dense": model} | {
+            key: makers[key]()
+            for key in ("dense_channels_last", "prunespec", "prunespec_folded", "prunespec_channels_last")
         }
         blocks = [self.forward_times(models, "cpu", 1) for _ in range(self.args.mark_blocks)]
         macs = {"dense": common.count_macs(model, x), "kept": spec.summary.macs_after}
@@ -360,6 +351,21 @@ class Bench:
         return {key: guarded(lambda make=make: {"ops": top_ops(make(), x)}) for key, make in models.items()}
 
 
+def prepared(model, spec) -> dict[str, Callable[[], torch.nn.Module]]:
+    """How prunespec's unconstrained model is made for each latency variant, and the dense peers prepared alike."""
+    laid_out = prunespec.to_channels_last
+    return {
+        "prunespec": lambda: prunespec.prune(copy.deepcopy(model), spec),
+        # Batch norms folded into the layers before them, and the dense model folded the same way for a fair peer.
+        "prunespec_folded": lambda: prunespec.prune(copy.deepcopy(model), spec, fold_norms=True),
+        "dense_folded": lambda: prunespec.fold_norms(copy.deepcopy(model), spec),
+        # Folded, then channels-last with the costly gathers filled as zero columns (`apply --fold-norms
+        # --channels-last`), and the dense model laid out the same way.
+        "prunespec_channels_last": lambda: laid_out(prunespec.prune(copy.deepcopy(model), spec, fold_norms=True)),
+        "dense_channels_last": lambda: laid_out(prunespec.fold_norms(copy.deepcopy(model), spec)),
+    }
+
+
 def _upscale_pruned(model, x, request, reorder: bool):
     pruned = copy.deepcopy(model)
     common.upscale_plan(pruned, x, request, reorder=reorder).prune()
@@ -405,6 +411,13 @@ def profile_apply(name: str, model, path: Path, top: int = 10) -> list[dict]:
     return sorted(rows, key=lambda r: r["tottime_ms"], reverse=True)[:top]
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small subset: two models, one pattern, no batch 32")
@@ -433,7 +446,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, at least (default 5)")
     parser.add_argument(
-        "--mark-blocks", type=int, default=5, help=f"round-robin blocks of the {MARK_MODEL} mark (default 5)"
+        "--mark-blocks", type=positive, default=5, help=f"round-robin blocks of the {MARK_MODEL} mark (default 5)"
     )
     for section in ("planning", "apply", "latency", "mark", "scaling", "profile", "memory", "export", "upscale-sweep"):
         parser.add_argument(f"--skip-{section}", action="store_true")
@@ -471,6 +484,8 @@ def settle(limit_s: float = 180.0) -> float:
     `make bench` installs the peers first, and a minute of pip would otherwise make the run start on a machine that
     looks busy. The average decays by a factor e per minute: from 2 (two busy cores) to 0.5 in under 1.5 minutes."""
     start = time.perf_counter()
+    if os.getloadavg()[0] > QUIET_LOAD:
+        print(f"waiting up to {limit_s:.0f} s for the load average to fall under {QUIET_LOAD}", file=sys.stderr)
     while os.getloadavg()[0] > QUIET_LOAD and time.perf_counter() - start < limit_s:
         time.sleep(5)
     return time.perf_counter() - start
