@@ -47,16 +47,16 @@ clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 # Plan and apply random patterns on every torchvision model (about half an hour on two cores); writes out/zoo.json
-# and the table in README.md. `$(PYTHON) scripts/zoo.py --models NAME ...` reruns some models.
+# and the table in docs/coverage.md. `$(PYTHON) scripts/zoo.py --models NAME ...` reruns some models.
 .PHONY: zoo
 zoo: install
 	$(PYTHON) scripts/zoo.py
 
-# Time planning, applying and the pruned models' latency against the peers upscale and torch_pruning (25-45
-# minutes on two cores); writes out/bench.json and the Performance section of README.md. `$(PYTHON)
-# benchmarks/bench.py --quick` is a short subset; `--help` lists the `--models` and `--skip-*` options, which
-# `make bench BENCH_ARGS="--quick"` passes on. --no-deps: apple-upscale 0.1.1 pins torch==2.0.1, which would
-# replace the pinned torch; the peers need only torch, torchvision and numpy at run time.
+# Time planning, applying and the pruned models' latency against apple-upscale (the reference implementation of the
+# UPSCALE paper) and Torch-Pruning (25-45 minutes on two cores); writes out/bench.json and the CPU tables of
+# docs/performance.md. `$(PYTHON) benchmarks/bench.py --quick` is a short subset; `--help` lists the `--models` and
+# `--skip-*` options, which `make bench BENCH_ARGS="--quick"` passes on. --no-deps: apple-upscale 0.1.1 pins
+# torch==2.0.1, which would replace the pinned torch; the peers need only torch, torchvision and numpy at run time.
 .PHONY: bench
 bench: install
 	$(PIP) install -q --no-deps apple-upscale==0.1.1 torch-pruning==1.6.1
@@ -64,9 +64,9 @@ bench: install
 	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
 
 # Train a small CNN on scikit-learn's bundled digits, prune it without fine-tuning at 10-50% with every criterion in
-# constrained and unconstrained mode, and write the accuracy table into README.md (about 1.5 minutes on two cores);
-# writes out/digits.json. `$(PYTHON) examples/digits.py --quick` is a short smoke test.
+# constrained and unconstrained mode (about 1.5 minutes on two cores); writes out/digits.json and the accuracy table
+# in docs/accuracy.md. `$(PYTHON) examples/digits.py --quick` is a short smoke test.
 .PHONY: digits
 digits: install
 	$(PIP) install -q -e '.[examples]'
-	$(PYTHON) examples/digits.py --out $(OUT)/digits.json --readme
+	$(PYTHON) examples/digits.py --out $(OUT)/digits.json --docs

@@ -2,10 +2,10 @@
 
     python benchmarks/bench.py                      # everything (25-45 minutes on two cores)
     python benchmarks/bench.py --quick              # a small subset, a few minutes
-    python benchmarks/bench.py --models resnet18 --skip-scaling --skip-memory --no-readme
+    python benchmarks/bench.py --models resnet18 --skip-scaling --skip-memory --no-docs
 
 Start at `main`, which runs the sections in order and writes `out/bench.json`, prints the tables, and rewrites
-the "Performance" section of README.md between `<!-- bench:start -->` and `<!-- bench:end -->`:
+the CPU tables of docs/performance.md between `<!-- bench:start -->` and `<!-- bench:end -->`:
 
 1. `planning`: `prunespec.plan` vs upscale's `PruningManager.compute` vs torch_pruning's `build_dependency`, and the
    peak memory of each in a fresh process (`peak_memory.py`).
@@ -60,7 +60,7 @@ SCALING_MODELS = [
 RESOLUTIONS = [112, 224, 448, 896]
 BATCHES = [1, 8, 32]
 PROFILE_MODEL = "resnet50"
-MARK_MODEL = "resnet50"  # the efficiency mark of the performance issue: resnet50, 30% random, batch 1
+MARK_MODEL = "resnet50"  # the `mark` section times its efficiency at 30% random, batch 1, over several blocks
 QUICK = {
     "models": ["resnet18", "mobilenet_v2"],
     "batch32_models": [],
@@ -283,7 +283,7 @@ class Bench:
         """Resnet50's efficiency at 30% random, batch 1, in `--mark-blocks` separate round-robin blocks.
 
         A latency row is one block, and its ratios move by a few hundredths from one run to the next; the blocks
-        here show how far, for the variant the efficiency mark is read on and its like-for-like peer."""
+        here show how far, for the channels-last export and its like-for-like dense peer."""
         self.log("mark", MARK_MODEL)
         model = common.build_model(MARK_MODEL)
         x = common.example_input()
@@ -461,7 +461,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench.json")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite the tables in docs/performance.md")
     args = parser.parse_args(argv)
     quick = QUICK if args.quick else {}
     args.models = args.models or quick.get("models", MODELS)
@@ -531,8 +531,8 @@ def main(argv=None) -> None:
             args.out.write_text(json.dumps(results, indent=1) + "\n")  # after each section, so a stopped run keeps some
     text = report.render(results)
     print(text)
-    if not args.no_readme:
-        report.update_readme(ROOT / "README.md", text)
+    if not args.no_docs:
+        report.update_docs(report.DOCS_PAGE, text)
     bench.log(f"done in {results['meta']['duration_s'] / 60:.1f} min; wrote {args.out}")
 
 

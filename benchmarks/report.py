@@ -1,11 +1,12 @@
-"""Render `out/bench.json` as markdown tables, and put them into README.md's "Performance" section.
+"""Render `out/bench.json` as markdown tables, and put them into docs/performance.md.
 
-Start with `render`: one function per section of `bench.py`, each returning lines of markdown. `update_readme`
-replaces what lies between `<!-- bench:start -->` and `<!-- bench:end -->`, adding a "## Performance" section
-with the markers at the end of the README when they are missing, and touches nothing else.
+Start with `render`: one function per section of `bench.py`, each returning lines of markdown. `update_docs`
+replaces what lies between `<!-- bench:start -->` and `<!-- bench:end -->` (or another marker's pair), adding a
+section with the markers at the end of the page when they are missing, and touches nothing else.
 
-    python benchmarks/report.py out/bench.json          # print the tables again from a stored run
-    python benchmarks/report.py --readme-marker bench-cuda out/bench-cuda.json  # a GPU run's own README section
+    python benchmarks/report.py out/bench.json                          # print the tables again from a stored run
+    python benchmarks/report.py --marker bench out/bench.json           # and rewrite the page's CPU tables
+    python benchmarks/report.py --marker bench-cuda out/bench-cuda.json  # a GPU run's own section of the page
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+
+DOCS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 
 
 def ms(cell: dict | None) -> str:
@@ -318,7 +321,7 @@ MARK_EFFICIENCIES = [
 
 
 def mark(section: dict) -> list[str]:
-    """One row per round-robin block of the efficiency mark, then the median and range of each efficiency."""
+    """One row per round-robin block of the `mark` section, then the median and range of each efficiency."""
     name, p = section["model"], f"{section['fraction']:.0%}"
     mac_ratio = section["macs"]["dense"] / section["macs"]["kept"]
     keys = list(section["blocks"][0])
@@ -343,7 +346,7 @@ def mark(section: dict) -> list[str]:
         f"{key.replace('prunespec', 'ps').replace('_channels_last', ' channels-last').replace('_', ' ')} ms"
         for key in keys
     ]
-    return [f"### The efficiency mark: {name}, {p} random, batch 1, over several blocks", "", note, ""] + table(
+    return [f"### Run-to-run spread: {name}, {p} random, batch 1, over several blocks", "", note, ""] + table(
         head + [column for column, _, _ in MARK_EFFICIENCIES], body
     )
 
@@ -379,33 +382,33 @@ def profile(section: dict) -> list[str]:
     return out
 
 
-def update_readme(path: Path, text: str, marker: str = "bench") -> None:
-    """Replace the text between the `marker` markers; append the section when the markers are missing."""
+def update_docs(path: Path, text: str, marker: str = "bench") -> None:
+    """Replace the text between the `marker` markers of `path`; append a section when the markers are missing."""
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    readme = path.read_text()
+    page = path.read_text()
     block = f"{start}\n{text.rstrip()}\n{end}"
-    if start in readme and end in readme and readme.index(start) < readme.index(end):
-        before, rest = readme.split(start, 1)
+    if start in page and end in page and page.index(start) < page.index(end):
+        before, rest = page.split(start, 1)
         after = rest.split(end, 1)[1]
-        readme = before + block + after
+        page = before + block + after
     else:
-        readme = readme.rstrip("\n") + "\n\n## Performance\n\n" + block + "\n"
-    path.write_text(readme)
+        page = page.rstrip("\n") + "\n\n## Benchmark results\n\n" + block + "\n"
+    path.write_text(page)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Print stored benchmark runs as markdown, or put them in README.md.")
+    parser = argparse.ArgumentParser(description="Print stored benchmark runs as markdown, or put them in the docs.")
     parser.add_argument("runs", nargs="*", type=Path, default=[Path("out/bench.json")], help="bench.py --out files")
     parser.add_argument(
-        "--readme-marker",
+        "--marker",
         metavar="NAME",
-        help="replace README.md's text between <!-- NAME:start --> and <!-- NAME:end --> with the tables",
+        help="replace docs/performance.md's text between <!-- NAME:start --> and <!-- NAME:end --> with the tables",
     )
     args = parser.parse_args(argv)
     text = "\n".join(render(json.loads(path.read_text())) for path in args.runs)
     print(text)
-    if args.readme_marker:
-        update_readme(Path(__file__).resolve().parents[1] / "README.md", text, args.readme_marker)
+    if args.marker:
+        update_docs(DOCS_PAGE, text, args.marker)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python examples/digits.py                       # the whole study, about 80 s on two cores
     python examples/digits.py --quick               # fewer criteria and amounts: a smoke test
-    python examples/digits.py --out out/digits.json --readme
+    python examples/digits.py --out out/digits.json --docs  # and rewrite the table in docs/accuracy.md
 
 Start reading at `main`. `train` fits `DigitsNet`, a small CNN with a residual block and a concatenation (so that
 segments matter), on scikit-learn's bundled 8×8 digits (no download), with fixed seeds and a fixed train/test split.
@@ -44,7 +44,8 @@ from torch import nn
 import prunespec
 
 ROOT = Path(__file__).resolve().parent.parent
-README_START, README_END = "<!-- digits:start -->", "<!-- digits:end -->"
+DOCS_PAGE = ROOT / "docs" / "accuracy.md"
+DOCS_START, DOCS_END = "<!-- digits:start -->", "<!-- digits:end -->"
 CRITERIA = ("l1", "l2", "fpgm", "lamp", "hrank", "random")
 AMOUNTS = (0.1, 0.2, 0.3, 0.4, 0.5)
 QUICK_CRITERIA = ("l1", "lamp", "hrank")  # a weight norm, the global-only one, and the one that runs the model
@@ -253,7 +254,7 @@ def ahead(d: float) -> str:
 
 
 def render(results: dict[str, Any]) -> str:
-    """The markdown the README quotes: the setup, the means, the paired differences, the verdict, every row."""
+    """The markdown docs/accuracy.md quotes: the setup, the means, the paired differences, the verdict, every row."""
     meta, dense, summary = results["meta"], results["dense"], results["summary"]
     acc = dense["accuracy"]
     seconds = meta["seconds"]
@@ -349,16 +350,16 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores (torch on {torch.get_num_threads()} thread)"
 
 
-def readme_parts(readme: Path = ROOT / "README.md") -> tuple[str, str]:
-    """README.md before the digits start marker and after the end marker; raises if either is missing.
+def docs_parts(page: Path) -> tuple[str, str]:
+    """`page` before the digits start marker and after the end marker; raises if either is missing.
 
-    No fallback that appends a section: the prose above the markers explains the table, so a README without them
+    No fallback that appends a section: the prose above the markers explains the table, so a page without them
     would get numbers with no explanation.
     """
-    head, start, rest = readme.read_text().partition(README_START)
-    _, end, tail = rest.partition(README_END)
+    head, start, rest = page.read_text().partition(DOCS_START)
+    _, end, tail = rest.partition(DOCS_END)
     if not (start and end):
-        raise SystemExit(f"error: {readme} has no {README_START} ... {README_END} section to rewrite")
+        raise SystemExit(f"error: {page} has no {DOCS_START} ... {DOCS_END} section to rewrite")
     return head, tail
 
 
@@ -370,11 +371,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batch order and random")
     parser.add_argument("--quick", action="store_true", help=f"criteria {QUICK_CRITERIA}, amounts {QUICK_AMOUNTS}")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--readme", action="store_true", help="rewrite the digits section of README.md")
+    parser.add_argument(
+        "--docs",
+        nargs="?",
+        const=DOCS_PAGE,
+        type=Path,
+        metavar="PAGE",
+        help="rewrite the table between the digits markers of docs/accuracy.md (or of PAGE)",
+    )
     args = parser.parse_args(argv)
     criteria, amounts = (QUICK_CRITERIA, QUICK_AMOUNTS) if args.quick else (CRITERIA, AMOUNTS)
-    if args.readme:
-        readme_parts()  # fail now rather than after the study
+    if args.docs:
+        docs_parts(args.docs)  # fail now rather than after the study
 
     # One thread: these convolutions are so small that a second thread costs more in synchronisation than it saves,
     # and on a busy machine spinning threads made training 5-8x slower. It also fixes the summation order.
@@ -422,9 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     if worst > TOLERANCE:  # after writing the JSON, so that the failing rows can be read
         print(f"error: a pruned model differs from its mock by {worst:.3g} > {TOLERANCE}", file=sys.stderr)
         return 1
-    if args.readme:
-        head, tail = readme_parts()
-        (ROOT / "README.md").write_text(f"{head}{README_START}\n{text}\n{README_END}{tail}")
+    if args.docs:
+        head, tail = docs_parts(args.docs)
+        args.docs.write_text(f"{head}{DOCS_START}\n{text}\n{DOCS_END}{tail}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Model-zoo coverage sweep: plan and apply random pruning patterns on every torchvision model, and say which work.
 
-    python scripts/zoo.py                            # the whole zoo; writes out/zoo.json and the README table
-    python scripts/zoo.py --models resnet18 swin_t   # some models; writes out/zoo.json only (add --readme)
+    python scripts/zoo.py                            # the whole zoo; writes out/zoo.json and docs/coverage.md
+    python scripts/zoo.py --models resnet18 swin_t   # some models; writes out/zoo.json only (add --docs)
     python scripts/zoo.py --family segmentation      # a family: the builder's module, e.g. resnet, swin, vit
 
 Start reading at `main`. Each model gets two fresh worker processes of this same script, so that applying a spec
@@ -15,7 +15,7 @@ never sees anything the planner left in memory, a crash or a timeout costs one m
 
 Each (model, mode, side) ends up `pass`, `fail` (the outputs differ by more than `tolerated`, or the pruned model is
 not smaller), `refused` (the planner raised `PlanError`, or nothing could be pruned) or `error` (anything raised,
-a crash, a timeout). `render_table` turns the results into the markdown table between the README markers.
+a crash, a timeout). `render_table` turns the results into the markdown table of docs/coverage.md.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ FRACTION = 0.3  # probability that a channel is requested
 SEED = 0
 DEFAULT_SIZE = 64
 DEFAULT_BATCH = 2  # more than one sample, so that an op mixing the batch axis shows up
-README_START, README_END = "<!-- zoo:start -->", "<!-- zoo:end -->"
+DOCS_PAGE = ROOT / "docs" / "coverage.md"
+DOCS_START, DOCS_END = "<!-- zoo:start -->", "<!-- zoo:end -->"
 
 # The input side for models that do not run at the default sizes (32 and up): the smallest they accept.
 # ViT asserts exactly its image_size; MaxViT's window partition needs a multiple of 224.
@@ -477,17 +478,17 @@ def totals_line(results: dict[str, Any]) -> str:
     return f"{len(results['models'])} models, {sum(count.values())} (model, mode) cells: {parts}"
 
 
-def write_readme(table: str, readme: Path = ROOT / "README.md") -> None:
-    """Replace what lies between the markers; add a section with the markers at the end if there is none."""
-    text = readme.read_text()
-    block = f"{README_START}\n{table}\n{README_END}"
-    if README_START in text and README_END in text:
-        head, rest = text.split(README_START, 1)
-        tail = rest.split(README_END, 1)[1]
+def write_docs(table: str, page: Path = DOCS_PAGE) -> None:
+    """Replace what lies between the zoo markers of `page`; add a section with the markers if there is none."""
+    text = page.read_text()
+    block = f"{DOCS_START}\n{table}\n{DOCS_END}"
+    if DOCS_START in text and DOCS_END in text:
+        head, rest = text.split(DOCS_START, 1)
+        tail = rest.split(DOCS_END, 1)[1]
         text = head + block + tail
     else:
-        text = text.rstrip("\n") + "\n\n## Model zoo coverage\n\n" + block + "\n"
-    readme.write_text(text)
+        text = text.rstrip("\n") + "\n\n## Coverage of the torchvision models\n\n" + block + "\n"
+    page.write_text(text)
 
 
 # ------------------------------------------------------------------------------------------------------------ main
@@ -524,10 +525,10 @@ def main(argv: list[str] | None = None) -> int:
         "--resume", action="store_true", help="keep the models already in --out (an interrupted run) and run the rest"
     )
     parser.add_argument(
-        "--readme",
+        "--docs",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="write the README table (default: only when running the whole zoo)",
+        help="rewrite the table in docs/coverage.md (default: only when running the whole zoo)",
     )
     # Internal: one stage of one model, in a fresh process.
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -592,9 +593,9 @@ def main(argv: list[str] | None = None) -> int:
     results["wall_s"] = round(earlier_s + time.perf_counter() - start, 1)
     save(results, args.out)
     print(f"{totals_line(results)}; {results['wall_s']} s; results in {args.out}", file=sys.stderr)
-    if args.readme or (args.readme is None and whole_zoo):
-        write_readme(render_table(results))
-        print("README.md table updated", file=sys.stderr)
+    if args.docs or (args.docs is None and whole_zoo):
+        write_docs(render_table(results))
+        print(f"{DOCS_PAGE.relative_to(ROOT)} table updated", file=sys.stderr)
     return 0
 
 

@@ -1,10 +1,12 @@
-"""The examples still run: `examples/digits.py --quick` trains, prunes in every mode and reports sane numbers."""
+"""The examples still run: `examples/digits.py --quick` trains, prunes in every mode, reports sane numbers, and
+writes its table between the markers of (a copy of) docs/accuracy.md."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +16,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_digits_quick(tmp_path: Path) -> None:
     out = tmp_path / "digits.json"
+    page = tmp_path / "accuracy.md"
+    shutil.copy(REPO / "docs" / "accuracy.md", page)
+    before = page.read_text()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     result = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "digits.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(REPO / "examples" / "digits.py"), "--quick", "--out", str(out), "--docs", str(page)],
         check=False,  # the assertion below shows the example's stderr
-        cwd=tmp_path,  # not the repository: the example must not need it as working directory, nor touch README.md
+        cwd=tmp_path,  # not the repository: the example must not need it as working directory, nor touch docs/
         env=env,
         capture_output=True,
         text=True,
@@ -48,5 +53,10 @@ def test_digits_quick(tmp_path: Path) -> None:
     for (criterion, amount, mode), row in by_key.items():
         if mode == "constrained":
             assert row["macs"] <= by_key[criterion, amount, "unconstrained"]["macs"]
-    # The table the README quotes is printed.
+    # The table docs/accuracy.md quotes is printed, and written between the page's markers; the prose stays.
     assert "| criterion | amount | mode | accuracy |" in result.stdout
+    after = page.read_text()
+    start, end = "<!-- digits:start -->", "<!-- digits:end -->"
+    assert f"{start}\n{result.stdout.rstrip()}\n{end}" in after
+    assert after.partition(start)[0] == before.partition(start)[0]
+    assert after.partition(end)[2] == before.partition(end)[2]

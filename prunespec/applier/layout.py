@@ -2,9 +2,9 @@
 
 Start with `to_channels_last`. On CPU, PyTorch's convolutions (oneDNN) run faster on channels-last (NHWC) memory,
 and more so on the odd channel counts that pruning leaves: on resnet50 with 30% of every consumer's inputs pruned
-at random, the folded model took about a fifth less time channels-last, the dense one about a tenth less (see the
-README's performance section). But an activation subselection that gathers channels (`index_select` on the channel axis)
-is slow on channels-last memory, where each pixel's channels lie together: 2-2.5 ms for a 56x56 map of 256 channels
+at random, the folded model took about a fifth less time channels-last, the dense one about a tenth less (see
+docs/performance.md). But an activation subselection that gathers channels (`index_select` on the channel axis) is
+slow on channels-last memory, where each pixel's channels lie together: 2-2.5 ms for a 56x56 map of 256 channels
 on the benchmark machine, more than the convolution that reads it.
 
 So before converting, each consumer whose subselection is a gather is checked by a cost model (`fill_pays`): where
