@@ -39,24 +39,14 @@ __all__ = [
 ]
 
 
-def plan(
-    model, example_inputs, pruned_inputs=None, pruned_outputs=None, constrained=False, reorder=True, strict=False
-):
-    """Trace `model` on `example_inputs` and compile the requested channels into a `PruningSpec`.
+def plan(model, example_inputs, pruned_inputs=None, pruned_outputs=None, **options):
+    """Trace `model` on `example_inputs` and compile the requested channels, heads and blocks into a `PruningSpec`.
 
     See `prunespec.planner.plan` for the arguments.
     """
     from prunespec.planner import plan as _plan
 
-    return _plan(
-        model,
-        example_inputs,
-        pruned_inputs=pruned_inputs,
-        pruned_outputs=pruned_outputs,
-        constrained=constrained,
-        reorder=reorder,
-        strict=strict,
-    )
+    return _plan(model, example_inputs, pruned_inputs=pruned_inputs, pruned_outputs=pruned_outputs, **options)
 
 
 def select(model, example_inputs, criterion="l2", amount=0.3, side="input", scope="local", **options):

@@ -34,7 +34,9 @@ class PruningManager:
         reorder: bool = True,
     ) -> PruningManager:
         """Plan the spec; with no channels given, prune the all-zero ones. Returns the manager for chaining."""
-        self.spec = prunespec.plan(self.net, inputs, pruned_inputs, pruned_outputs, constrained, reorder)
+        self.spec = prunespec.plan(
+            self.net, inputs, pruned_inputs, pruned_outputs, constrained=constrained, reorder=reorder
+        )
         return self
 
     def get_mock_model(self) -> torch.nn.Module:

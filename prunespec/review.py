@@ -59,7 +59,7 @@ def _join(module: str, local: str) -> str:
 
 def _channel_axes(layer: LayerSpec) -> tuple[int | None, int | None]:
     """Which axes of the weight hold the (input, output) channels of this module type."""
-    if layer.type.startswith("ConvTranspose"):
+    if layer.type.startswith("ConvTranspose") or layer.type == "Conv1D":  # Conv1D: GPT-2's [in, out] linear layer
         return 0, 1
     if layer.type.startswith(("Conv", "Linear")) or layer.type == "Bilinear":
         return 1, 0

@@ -180,18 +180,19 @@ def test_reshape_follows_run_time_sizes_and_keeps_written_ones(tmp_path):
     assert [k.tensor for k in spec.kept] == ["b.weight"] and "reshaped" in spec.kept[0].reason
 
 
-def test_attention_keeps_heads_whole_and_prunes_around_them(tmp_path):
+def test_attention_prunes_its_input_and_output_channels_around_whole_heads(tmp_path):
     model, inputs = build("attention")
     request = [("mha.in_proj_weight", 3), ("fc.weight", 5), ("head.weight", 2)]
     spec, pruned, _ = assert_invariant(
         model, inputs, tmp_path, pruned_inputs=request, pruned_outputs=[("q.weight", 1)], constrained=True
     )
-    assert pruned.mha.in_proj_weight.shape == (48, 16) and pruned.embed.out_features == 16
+    # The in-projection reads one channel fewer; its four heads of four stay whole.
+    assert pruned.mha.in_proj_weight.shape == (48, 15) and pruned.embed.out_features == 15
+    assert pruned.mha.num_heads == 4 and spec.layers["mha"].heads is None
     assert pruned.mha.out_proj.out_features == 15 and pruned.fc.in_features == 15
     assert pruned.v.out_features == 9 and pruned.head.in_features == 9
     reasons = {k.tensor: k.reason for k in spec.kept}
-    assert set(reasons) == {"mha.in_proj_weight", "q.weight"}
-    assert "heads need the whole embedding" in reasons["mha.in_proj_weight"]
+    assert set(reasons) == {"q.weight"}
     assert reasons["q.weight"] == "is a query or key of scaled_dot_product_attention"
 
 

@@ -76,7 +76,7 @@ def test_an_older_spec_is_migrated_and_prunes_like_a_spec_planned_now(path):
 def test_migrating_1_0_keeps_every_field_and_leaves_the_new_ones_absent(path):
     raw = json.loads(path.read_bytes())
     spec = load_spec_bytes(path.read_bytes())
-    assert msgspec.to_builtins(spec) == {**raw, "schema_version": SCHEMA_VERSION, "norm_folds": []}
+    assert msgspec.to_builtins(spec) == _migrated(raw)
     assert all(layer.macs is None and layer.input_activation_channels is None for layer in spec.layers.values())
     assert review.predates_layer_macs(spec)
     text = review.render_show(spec)
@@ -88,7 +88,7 @@ def test_migrating_1_0_keeps_every_field_and_leaves_the_new_ones_absent(path):
 def test_migrating_1_1_keeps_every_field_and_knows_no_norm_folds(path):
     raw = json.loads(path.read_bytes())
     spec = load_spec_bytes(path.read_bytes())
-    assert json.loads(msgspec.json.encode(spec)) == {**raw, "schema_version": SCHEMA_VERSION, "norm_folds": []}
+    assert json.loads(msgspec.json.encode(spec)) == _migrated(raw)
     assert any(layer.macs is not None for layer in spec.layers.values())
     assert not review.predates_layer_macs(spec)
     model, _ = _model_for(path)
@@ -96,12 +96,26 @@ def test_migrating_1_1_keeps_every_field_and_knows_no_norm_folds(path):
     assert "apply --fold-norms): 0" in review.render_show(spec)
 
 
+@pytest.mark.parametrize("path", [p for p in STORED if p.parent.name == "v1.2"], ids=lambda p: p.name)
+def test_migrating_1_2_keeps_every_field_and_prunes_no_heads(path):
+    raw = json.loads(path.read_bytes())
+    spec = load_spec_bytes(path.read_bytes())
+    assert json.loads(msgspec.json.encode(spec)) == _migrated(raw)
+    assert all(layer.heads is None for layer in spec.layers.values())
+
+
+def _migrated(raw: dict) -> dict:
+    """An older file as this version reads it: every field kept, the newer ones empty."""
+    request = {"pruned_heads": [], "pruned_kv_heads": [], **raw["request"]}
+    return {"norm_folds": [], **raw, "request": request, "schema_version": SCHEMA_VERSION}
+
+
 def _planned_json() -> dict:
     model, inputs = build("conv_conv")
     return json.loads(prunespec.plan(model, inputs, [("conv2.weight", 1)]).to_json())
 
 
-@pytest.mark.parametrize("version", ["1.3", "2.0"], ids=["newer minor", "newer major"])
+@pytest.mark.parametrize("version", ["1.4", "2.0"], ids=["newer minor", "newer major"])
 def test_a_newer_version_is_refused_with_the_release_that_wrote_it(version):
     data = _planned_json() | {"schema_version": version, "generator": "prunespec 7.3.0"}
     with pytest.raises(

@@ -35,14 +35,22 @@ def prune(model: nn.Module, spec: PruningSpec, fold_norms: bool = False) -> nn.M
     """
     changes = check(model, spec)
     folds = check_folds(model, spec, changes) if fold_norms else []
+    # A tensor that several modules share (tied input and output embeddings) stays shared: the first pruned copy
+    # of it replaces it everywhere.
+    replaced: dict[int, tuple[Any, Any]] = {}  # id of an old tensor -> (it, kept alive so the id stays its; its copy)
     for change in changes:
         module = change.module
         for name, tensor in change.tensors.items():
+            old = module._parameters[name] if name in module._parameters else module._buffers[name]
+            if id(old) not in replaced:
+                new = nn.Parameter(tensor, requires_grad=old.requires_grad) if name in module._parameters else tensor
+                replaced[id(old)] = (old, new)
+            new = replaced[id(old)][1]
             if name in module._parameters:
-                module._parameters[name] = nn.Parameter(tensor, requires_grad=module._parameters[name].requires_grad)
+                module._parameters[name] = new
             else:
                 # Assigning into _buffers keeps the buffer's entry in _non_persistent_buffers_set as it was.
-                module._buffers[name] = tensor
+                module._buffers[name] = new
         change.rule.set_attributes(module, change.attributes)
         if change.input is not None:
             _install_subselection(module, change.input)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunespec.applier.attention import PrunedMultiheadAttention, multihead_attention_problem, pruned_class
+
 
 class Rule:
     """How one module type is pruned. The defaults describe a module with no attributes and no input gather.
@@ -130,6 +132,27 @@ class LinearRule(Rule):
         return {"out_features": shapes["weight"][0], "in_features": shapes["weight"][1]}
 
 
+class MatrixRule(Rule):
+    """A linear layer that stores its weight ``[in, out]`` and multiplies ``x @ weight + bias`` (GPT-2's
+    ``transformers.pytorch_utils.Conv1D``, with ``nx`` inputs and ``nf`` outputs)."""
+
+    attributes = frozenset({"nx", "nf"})
+    input_axis = -1
+
+    def check(self, attributes, tensors):
+        weight = tensors["weight"]
+        for axis, name in enumerate(("nx", "nf")):
+            if attributes[name] != weight.shape[axis]:
+                return f"attribute '{name}' is {attributes[name]} but weight axis {axis} has {weight.shape[axis]}"
+        return _sized("bias", tensors, attributes["nf"], "nf")
+
+    def input_channels(self, attributes, tensors):
+        return attributes["nx"]
+
+    def derive(self, module, shapes):
+        return {"nx": shapes["weight"][0], "nf": shapes["weight"][1]}
+
+
 class PerChannelNormRule(Rule):
     """Batch and instance norms: every per-channel tensor has num_features entries. They read channels one to one,
     so an activation subselection never belongs in front of them."""
@@ -165,6 +188,77 @@ class PReLURule(Rule):
         return {"num_parameters": shapes["weight"][0]}
 
 
+# ---------------------------------------------------------------------------------------------- attention
+
+
+class MultiheadAttentionRule(Rule):
+    """nn.MultiheadAttention: heads pruned from the in-projection (rows) and the out-projection's input (its own
+    `out_proj` layer). A module whose projections become narrower than `embed_dim` gets the forward of
+    `attention.PrunedMultiheadAttention`; `head_dim` never changes."""
+
+    attributes = frozenset({"num_heads", "head_dim", "embed_dim", "kdim", "vdim"})
+
+    def check(self, attributes, tensors):
+        return multihead_attention_problem(attributes, tensors)
+
+    def derive(self, module, shapes):
+        rows, columns = shapes["in_proj_weight"] if "in_proj_weight" in shapes else shapes["q_proj_weight"]
+        heads = (rows // 3 if "in_proj_weight" in shapes else rows) // module.head_dim
+        derived = {"num_heads": heads, "embed_dim": columns}
+        if "k_proj_weight" in shapes:
+            derived.update(kdim=shapes["k_proj_weight"][1], vdim=shapes["v_proj_weight"][1])
+        else:
+            derived.update(kdim=columns, vdim=columns)
+        return derived
+
+    def set_attributes(self, module, attributes):
+        super().set_attributes(module, attributes)
+        if module.num_heads * module.head_dim != module.embed_dim or isinstance(module, PrunedMultiheadAttention):
+            module.__class__ = pruned_class(type(module))
+
+
+# The attributes in which attention modules keep their head counts, by what each counts. An attention module's
+# forward reads some of them (``view(B, T, self.num_heads, -1)``, ``repeat_kv(k, self.num_key_value_groups)``,
+# ``split(self.split_size)``); the planner writes the new value of each one a module has, and the applier checks
+# it against the spec's head counts. Names, not classes: they hold across model families and library versions.
+HEAD_ATTRIBUTES: dict[str, str] = {
+    **dict.fromkeys(("num_heads", "num_attention_heads", "n_head", "n_heads", "num_q_heads"), "query"),
+    **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "num_kv"), "key_value"),
+    **dict.fromkeys(("num_key_value_groups", "n_rep", "num_queries_per_kv"), "groups"),
+    **dict.fromkeys(("all_head_size", "attn_dim", "inner_dim", "split_size", "embed_dim", "hidden_size", "q_dim"),
+                    "query_width"),  # fmt: skip
+}
+
+
+def head_attribute(kind: str, query: int, key_value: int, head_dim: int) -> int:
+    """What an attribute of `kind` (see `HEAD_ATTRIBUTES`) holds for these head counts.
+
+    >>> head_attribute("groups", 8, 2, 64), head_attribute("query_width", 8, 2, 64)
+    (4, 512)
+    """
+    if kind == "query":
+        return query
+    if kind == "key_value":
+        return key_value
+    if kind == "groups":
+        return query // key_value if key_value else 0
+    return query * head_dim
+
+
+def head_attribute_problem(name: str, before: Any, after: Any, counts) -> str | None:
+    """Why attribute `name` cannot go from `before` (the module's value) to `after` (the spec's), given the spec's
+    `HeadCounts`; None when both agree with the head counts before and after pruning."""
+    kind = HEAD_ATTRIBUTES[name]
+    (query, new_query), (key_value, new_key_value) = counts.query, counts.key_value
+    expected = head_attribute(kind, query, key_value, counts.head_dim)
+    if before != expected:
+        return f"attribute {name!r} is {before!r} in the model, but {expected} for the {query} heads the spec has"
+    wanted = head_attribute(kind, new_query, new_key_value, counts.head_dim)
+    if after != wanted:
+        return f"attribute {name!r}: {after} given, but {wanted} for the {new_query} heads it keeps"
+    return None
+
+
 def _sized(name: str, tensors: Mapping[str, torch.Tensor], size: int, attribute: str) -> str | None:
     """A problem when the optional 1-D tensor `name` does not have `size` entries."""
     tensor = tensors.get(name)
@@ -175,13 +269,25 @@ def _sized(name: str, tensors: Mapping[str, torch.Tensor], size: int, attribute:
 
 # ---------------------------------------------------------------------------------------------- registry
 
-RULES: dict[type, Rule] = {}
+RULES: dict[type | str, Rule] = {}
 GENERIC = Rule()
 
 
-def register(module_type: type, rule: Rule) -> None:
-    """Use `rule` for `module_type` and, unless they have their own, its subclasses."""
+def register(module_type: type | str, rule: Rule) -> None:
+    """Use `rule` for `module_type` and, unless they have their own, its subclasses.
+
+    A class of another library is named by its qualified name (``"transformers.pytorch_utils.Conv1D"``), so that
+    the applier does not import that library.
+    """
     RULES[module_type] = rule
+
+
+def _registered(cls: type) -> type | str | None:
+    """The key under which `cls` has a rule: the class itself or its qualified name."""
+    if cls in RULES:
+        return cls
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return name if name in RULES else None
 
 
 def runs_own_forward(module: nn.Module) -> bool:
@@ -195,7 +301,7 @@ def runs_own_forward(module: nn.Module) -> bool:
     >>> runs_own_forward(nn.Conv2d(1, 1, 1)), runs_own_forward(Scaled(1, 1, 1))
     (True, False)
     """
-    cls = next((c for c in type(module).__mro__ if c in RULES), None)
+    cls = next((c for c in type(module).__mro__ if _registered(c) is not None), None)
     return cls is not None and type(module).forward is cls.forward
 
 
@@ -208,8 +314,9 @@ def rule_for(module: nn.Module) -> Rule:
     True
     """
     for cls in type(module).__mro__:
-        if cls in RULES:
-            return RULES[cls]
+        key = _registered(cls)
+        if key is not None:
+            return RULES[key]
     return GENERIC
 
 
@@ -225,3 +332,5 @@ register(nn.SyncBatchNorm, PerChannelNormRule())  # its forward is not the plain
 for _norm in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
     register(_norm, PerChannelNormRule())
 register(nn.PReLU, PReLURule())
+register(nn.MultiheadAttention, MultiheadAttentionRule())
+register("transformers.pytorch_utils.Conv1D", MatrixRule())

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from prunespec.applier.fold import check_fold
-from prunespec.applier.rules import Rule, rule_for
+from prunespec.applier.rules import HEAD_ATTRIBUTES, Rule, head_attribute_problem, rule_for
 from prunespec.errors import SpecError, nearest
 from prunespec.schemas import SCHEMA_VERSION, LayerSpec, PruningSpec, parse_runs, well_formed_runs
 from prunespec.schemas.spec import MAX_INDEX
@@ -212,14 +212,19 @@ def _check_layer(name: str, layer: LayerSpec, modules: dict[str, nn.Module], dec
         if selected is not tensor:
             tensors[tensor_name] = change.tensors[tensor_name] = selected
 
+    head_attributes = HEAD_ATTRIBUTES.keys() - change.rule.attributes if layer.heads is not None else ()
     for attribute, value in layer.attributes.items():
-        if attribute not in change.rule.attributes:
+        if attribute not in change.rule.attributes and attribute not in head_attributes:
             accepted = ", ".join(repr(a) for a in sorted(change.rule.attributes)) or "none"
             raise SpecError(
                 f"{where}: attribute {attribute!r}: a {layer.type} takes no such attribute (accepted: {accepted})"
             )
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise SpecError(f"{where}: attribute {attribute!r}: {value!r} is not a non-negative integer")
+        if attribute in head_attributes:
+            problem = head_attribute_problem(attribute, getattr(module, attribute, None), value, layer.heads)
+            if problem:
+                raise SpecError(f"{where}: {problem}")
     change.attributes = dict(layer.attributes)
     before = {a: getattr(module, a) for a in change.rule.attributes}
     after = {a: layer.attributes.get(a, value) for a, value in before.items()}

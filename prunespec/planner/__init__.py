@@ -14,12 +14,12 @@ import torch
 
 from prunespec.errors import PlanError, nearest
 from prunespec.planner.compile import channel_requests, compile_spec
-from prunespec.planner.graph import ChannelGraph
+from prunespec.planner.graph import ChannelGraph, Heads
 from prunespec.planner.reorder import Layout
-from prunespec.planner.resolve import resolve
+from prunespec.planner.resolve import Units, resolve
 from prunespec.planner.trace import trace
-from prunespec.planner.verify import suspects_to_pin
-from prunespec.schemas import PruningSpec, Request
+from prunespec.planner.verify import Suspect, suspects_to_pin
+from prunespec.schemas import PruningSpec, Request, UnitRequest, encode_runs
 
 Channels = Iterable[tuple[str, int]]
 
@@ -32,6 +32,8 @@ def plan(
     constrained: bool = False,
     reorder: bool = True,
     strict: bool = False,
+    pruned_heads: Channels | None = None,
+    pruned_kv_heads: Channels | None = None,
 ) -> PruningSpec:
     """Compile "remove these channels" into a spec for `model`.
 
@@ -43,8 +45,14 @@ def plan(
         constrained: grow the removed set until no activation has to be gathered at run time.
         reorder: permute channels so that gathers become slices where possible.
         strict: raise `PlanError` instead of keeping requested channels the planner cannot remove.
+        pruned_heads: ``(attention module name, query head)`` pairs; the head goes from the query, key and value
+            projections and the output projection's input. Under grouped-query attention every group must keep
+            as many query heads: a request that would leave unequal groups keeps the extra heads (unconstrained)
+            or removes more (constrained), and says so in `spec.kept`.
+        pruned_kv_heads: ``(attention module name, key/value head)`` pairs; the key/value head goes with its
+            whole group of query heads.
 
-    With neither `pruned_inputs` nor `pruned_outputs`, the channels whose weights are all zero are pruned.
+    With no channels and no heads named, the channels whose weights are all zero are pruned.
 
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
     >>> spec = plan(net, [torch.rand(1, 3, 8, 8)], pruned_inputs=[("2.weight", 5)])
@@ -53,7 +61,8 @@ def plan(
     """
     inputs = [example_inputs] if isinstance(example_inputs, torch.Tensor) else list(example_inputs)
     graph = trace(model, inputs)
-    zeroed = pruned_inputs is None and pruned_outputs is None
+    zeroed = pruned_inputs is None and pruned_outputs is None and pruned_heads is None and pruned_kv_heads is None
+    units = head_requests(graph, pruned_heads or [], pruned_kv_heads or [])
     if zeroed:
         pruned_inputs, pruned_outputs = zeroed_channels(model, graph)
     requested_inputs = _requests(pruned_inputs or [], {c.weight: len(c.slots) for c in graph.consumers}, "input")
@@ -65,17 +74,23 @@ def plan(
         constrained=constrained,
         reorder=reorder,
         zeroed=zeroed,
+        pruned_heads=unit_requests(units, "heads"),
+        pruned_kv_heads=unit_requests(units, "key_value_heads"),
     )
 
     def compiled() -> tuple[PruningSpec, set[int]]:
-        resolution = resolve(graph, requested_inputs, requested_outputs, constrained)
+        resolution = resolve(graph, requested_inputs, requested_outputs, constrained, units)
         layout = Layout(graph, resolution, reorder)
         return compile_spec(model, inputs, graph, resolution, layout, request), resolution.dropped
 
     spec, dropped = compiled()
-    for _ in graph.suspects:  # each round keeps the channels of at least one suspect, so this ends
-        at_stake = [s for s in graph.suspects if any(graph.slots.find(slot) in dropped for slot in s.slots)]
-        culprits = suspects_to_pin(model, inputs, spec, at_stake) if at_stake else []
+    # Heads are followed on trust too: the applier sets the head counts the planner found in attributes, and the
+    # pruned model is compared with the mock; if they differ the heads stay.
+    checks = graph.suspects + [heads_check(h) for h in graph.heads]
+    for _ in checks:  # each round keeps the channels of at least one suspect, so this ends
+        at_stake = [s for s in checks if any(graph.slots.find(slot) in dropped for slot in s.slots)]
+        kept = lambda slot: graph.slots.find(slot) not in dropped  # noqa: E731
+        culprits = suspects_to_pin(model, inputs, spec, at_stake, kept) if at_stake else []
         if not culprits:
             break
         for suspect in culprits:
@@ -89,6 +104,41 @@ def plan(
             "drop --strict to keep them, or ask for other channels"
         )
     return spec
+
+
+def head_requests(graph: ChannelGraph, heads: Channels, kv_heads: Channels) -> Units:
+    """The slots of the requested heads, by (module, "heads" or "key_value_heads"), checking names and ranges."""
+    traced = {h.module: h for h in reversed(graph.heads)}
+    units: Units = {}
+    for pairs, kind in ((heads, "heads"), (kv_heads, "key_value_heads")):
+        for pair in pairs:
+            try:
+                module, index = pair
+            except (TypeError, ValueError):
+                raise PlanError(f"pruned {kind.replace('_', ' ')} must be (module name, index) pairs, got {pair!r}") from None
+            found = traced.get(module)
+            if found is None:
+                known = ", ".join(f"{h.module!r} ({len(h.query)} heads, {len(h.key_value)} key/value heads)"
+                                  for h in graph.heads[:4])  # fmt: skip
+                more = f" and {len(graph.heads) - 4} more" if len(graph.heads) > 4 else ""
+                where = f"attention modules with heads are {known}{more}" if known else "no heads were traced"
+                raise PlanError(f"{module!r} is not an attention module whose heads the planner traced; {where}")
+            slots = found.query if kind == "heads" else found.key_value
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(slots):
+                raise PlanError(f"{module}: {kind.replace('_', ' ')} index {index!r} is out of range; it has "
+                                f"{len(slots)} (0-{len(slots) - 1})")  # fmt: skip
+            units.setdefault((module, kind), {})[index] = slots[index]
+    return units
+
+
+def unit_requests(units: Units, kind: str) -> list[UnitRequest]:
+    return [UnitRequest(module, encode_runs(sorted(chosen))) for (module, k), chosen in units.items() if k == kind]
+
+
+def heads_check(heads: Heads) -> Suspect:
+    """A suspect that stands for an attention's heads: kept when the pruned model differs from its mock."""
+    why = f"pruning heads of {heads.module} changes what its forward computes (a head count the applier cannot set?)"
+    return Suspect("", -1, 0, 0, heads.query, why)
 
 
 def _requests(pairs: Channels, sizes: dict[str, int], side: str) -> dict[str, set[int]]:

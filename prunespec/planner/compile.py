@@ -15,13 +15,14 @@ from collections.abc import Sequence
 
 import torch
 
-from prunespec.applier.rules import rule_for
+from prunespec.applier.rules import HEAD_ATTRIBUTES, head_attribute, rule_for
 from prunespec.errors import PlanError
 from prunespec.planner.graph import ChannelGraph
 from prunespec.planner.reorder import Layout
 from prunespec.planner.resolve import Resolution
 from prunespec.schemas import (
     ChannelRequest,
+    HeadCounts,
     InputInfo,
     KeptChannels,
     LayerSpec,
@@ -43,7 +44,8 @@ def compile_spec(
     request: Request,
 ) -> PruningSpec:
     parameters = dict(model.named_parameters())
-    tensors = {**parameters, **dict(model.named_buffers())}
+    # Every name of every tensor: a tensor that modules share is pruned under each of its names.
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
     kept: dict[str, dict[int, list[int]]] = defaultdict(dict)  # tensor name -> axis -> kept indices in order
     gathers: dict[str, Subselection] = {}  # module name -> subselection of its input
     # module name -> channels of its pruned input activation: what the layer before it writes, from the data flow
@@ -69,9 +71,13 @@ def compile_spec(
         if len(reads) != len(present):
             gathers[_module_of(consumer.weight)] = Subselection(len(present), encode_runs(reads))
 
+    for alias, first in graph.aliases.items():
+        if first in kept and alias not in kept:
+            kept[alias] = kept[first]
     new_shapes = {name: _shape(tensors[name], axes) for name, axes in kept.items()}
     macs = _macs(graph, tensors, new_shapes)
-    layers = _layers(model, tensors, kept, new_shapes, gathers, activations, macs)
+    heads = _head_counts(graph, resolution)
+    layers = _layers(model, tensors, kept, new_shapes, gathers, activations, macs, heads)
     return PruningSpec(
         model=type(model).__name__,
         inputs=[InputInfo(list(x.shape), _dtype(x)) for x in inputs],
@@ -85,7 +91,31 @@ def compile_spec(
     )
 
 
-def _layers(model, tensors, kept, new_shapes, gathers, activations, macs) -> dict[str, LayerSpec]:
+def _head_counts(graph: ChannelGraph, resolution: Resolution) -> dict[str, HeadCounts]:
+    """Query and key/value heads before and after pruning, for each attention module that loses heads."""
+    root, dropped = graph.slots.roots_table(), resolution.dropped
+    counts = {}
+    for heads in graph.heads:
+        query = sum(root[s] not in dropped for s in heads.query)
+        key_value = len({root[s] for s in heads.key_value if root[s] not in dropped})
+        if query != len(heads.query) or key_value != len(heads.key_value):
+            before = (len(heads.query), len(heads.key_value))
+            counts[heads.module] = HeadCounts((before[0], query), (before[1], key_value), heads.head_dim)
+    return counts
+
+
+def _head_attributes(module: torch.nn.Module, counts: HeadCounts) -> dict[str, int]:
+    """The new values of the head-count attributes `module` has (see `rules.HEAD_ATTRIBUTES`)."""
+    (query, new_query), (key_value, new_key_value) = counts.query, counts.key_value
+    found = {}
+    for name, kind in HEAD_ATTRIBUTES.items():
+        value = module.__dict__.get(name)
+        if type(value) is int and value == head_attribute(kind, query, key_value, counts.head_dim):
+            found[name] = head_attribute(kind, new_query, new_key_value, counts.head_dim)
+    return found
+
+
+def _layers(model, tensors, kept, new_shapes, gathers, activations, macs, heads) -> dict[str, LayerSpec]:
     """One LayerSpec per touched module, in `named_modules()` order; untouched axes are left out.
 
     A module takes `input_activation_channels` only where the applier has a rule for its input (convolutions and
@@ -111,14 +141,19 @@ def _layers(model, tensors, kept, new_shapes, gathers, activations, macs) -> dic
             touched[_module_of(name)][name.rpartition(".")[2]] = runs
     layers = {}
     for module_name, module in model.named_modules():
-        if module_name not in touched and module_name not in gathers:
+        if module_name not in touched and module_name not in gathers and module_name not in heads:
             continue
         own = {local: new_shapes.get(_join(module_name, local), tuple(t.shape)) for local, t in _own(module)}
         rule = rule_for(module)
         runs = touched.get(module_name, {})
+        attributes = rule.derive(module, own) if own else {}
+        if module_name in heads:
+            attributes.update((k, v) for k, v in _head_attributes(module, heads[module_name]).items()
+                              if k not in rule.attributes)  # fmt: skip
         layers[module_name] = LayerSpec(
             type=type(module).__name__,
-            attributes=rule.derive(module, own),
+            attributes=attributes,
+            heads=heads.get(module_name),
             tensors={local: runs[local] for local in own if local in runs},  # in the module's own order
             input=gathers.get(module_name),
             input_activation_channels=activations.get(module_name) if rule.input_axis is not None else None,

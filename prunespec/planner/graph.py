@@ -130,17 +130,64 @@ class ChannelMap:
 
 
 @dataclass(frozen=True)
-class SplitMap:
-    """Channels split over two axes, as in a channel shuffle's ``x.view(n, groups, c // groups, h, w)``.
+class SplitOrigin:
+    """The view that split a tensor's channels over several axes, for the suspect its sizes may make.
 
-    Element ``(g, j)`` of axes ``(axis, axis + 1)`` carries ``slots[g * per_group + j]``; once `swapped` (after a
-    transpose of the two axes) element ``(j, g)`` does.
+    `positions[i]` is where split dimension i sits in the view's shape arguments, `written[i]` whether its size was
+    written as a number there (rather than -1), `axis` the channel axis of the tensor that was viewed, and `module`
+    the module whose forward made the view.
     """
 
+    op: str
+    ordinal: int
+    positions: tuple[int, ...]
+    written: tuple[bool, ...]
     axis: int
-    groups: int
+    module: str | None
+
+
+@dataclass(frozen=True)
+class SplitMap:
+    """Channels split over several axes by a view, as attention splits them into ``(heads, head_dim)``.
+
+    Dimension ``i`` of the split (most significant first) has `sizes[i]` entries and lies on tensor axis
+    ``axes[i]``; channel ``c`` of the unsplit axis, with digits ``(i0, i1, ...)`` in these sizes, carries
+    ``slots[c]``. Which dimension may shrink is decided by the first op that treats the others as fixed (a matrix
+    product over ``head_dim``, a mean over a group); until then the map travels undecided through transposes and
+    copies. See `ops.splits`.
+    """
+
+    axes: tuple[int, ...]
+    sizes: tuple[int, ...]
     slots: list[int]
-    swapped: bool = False
+    origin: SplitOrigin
+
+
+@dataclass
+class Repeat:
+    """Each source slot is repeated: ``copies[i]`` are the slots of the copies of ``sources[i]``.
+
+    Grouped-query attention repeats every key/value head for its group of query heads. The pruned model still
+    repeats every remaining source the same number of times, so every group keeps the same number of copies; a
+    source that loses all its copies is read by nothing and goes too (see `resolve`).
+    """
+
+    sources: list[int]
+    copies: list[list[int]]
+
+
+@dataclass
+class Heads:
+    """Attention heads traced in the forward of `module`: one slot per query head and per key/value head.
+
+    Each slot stands for a whole head: `head_dim` channels of the query, key and value projections and of the
+    output projection's input, kept or removed together.
+    """
+
+    module: str
+    query: list[int]
+    key_value: list[int]
+    head_dim: int
 
 
 @dataclass
@@ -202,3 +249,7 @@ class ChannelGraph:
     # Ops followed on trust (a size written as a number might be a constant): `verify.Suspect` records.
     suspects: list = field(default_factory=list)
     folds: list[Fold] = field(default_factory=list)
+    repeats: list[Repeat] = field(default_factory=list)
+    heads: list[Heads] = field(default_factory=list)
+    # Names of tensors that several modules share -> the first name (`model.named_parameters()` order).
+    aliases: dict[str, str] = field(default_factory=dict)

@@ -10,6 +10,10 @@ Requested inputs are decided per slot:
   channel others still need keeps reading around it through an activation subselection.
 
 A pinned slot never goes. Every requested channel that stays in a weight is reported with the reason.
+
+Heads are requested as slots (`units`): a head is one slot standing for all its channels. Repeated slots (key/value
+heads copied for a group of query heads, `graph.Repeat`) add one rule of their own, `_balance`: every source keeps
+the same number of copies, because the pruned model still repeats each remaining source equally often.
 """
 
 from __future__ import annotations
@@ -37,11 +41,18 @@ class Resolution:
     notes: list[Note] = field(default_factory=list)
 
 
+# Requested units that are not channels of a weight: (module, kind) -> {index: slot}, kind "heads" or
+# "key_value_heads" (see `plan`).
+Units = dict[tuple[str, str], dict[int, int]]
+UNEQUAL_GROUPS = "would leave key/value groups of unequal sizes (every group keeps as many query heads)"
+
+
 def resolve(
     graph: ChannelGraph,
     pruned_inputs: dict[str, set[int]],
     pruned_outputs: dict[str, set[int]],
     constrained: bool,
+    units: Units | None = None,
 ) -> Resolution:
     """Turn requested channels into removed slots and kept consumer columns.
 
@@ -78,17 +89,16 @@ def resolve(
         readers.update(roots)
         askers.update(roots[col] for col in asked)
     forced = {root[p.slots[ch]] for p in graph.producers for ch in pruned_outputs.get(p.weight, ())}
+    forced |= {root[s] for chosen in (units or {}).values() for s in chosen.values()}
     dropped = {
         r
         for r in askers.keys() | forced
         if r not in slots.reason and (r in forced or constrained or askers[r] == readers[r])
     }
 
-    for producer in graph.producers:  # a layer with no channels left would not run
-        roots = [root[s] for s in producer.slots]
-        if roots and all(r in dropped for r in roots):
-            dropped.discard(roots[0])
-            slots.pin([roots[0]], f"is the last channel {producer.weight} would keep")
+    for _ in range(len(graph.producers) + len(graph.repeats) + 1):  # each round pins a slot or changes nothing
+        if not (_balance(graph, root, dropped, constrained) | _keep_one_channel(graph, root, dropped)):
+            break
 
     columns, last = [], {}
     for consumer, roots, asked in zip(graph.consumers, reads, asks):
@@ -100,7 +110,69 @@ def resolve(
             last[len(columns)] = present[0]
         columns.append(keep)
 
-    return Resolution(dropped, columns, _notes(graph, pruned_inputs, pruned_outputs, dropped, columns, last))
+    notes = _notes(graph, pruned_inputs, pruned_outputs, dropped, columns, last)
+    for (module, kind), chosen in (units or {}).items():
+        kept: dict[str, list[int]] = {}
+        for index, s in sorted(chosen.items()):
+            if root[s] not in dropped:
+                kept.setdefault(slots.pinned(s) or "kept", []).append(index)
+        notes += [Note(module, kind, indices, reason) for reason, indices in kept.items()]
+    return Resolution(dropped, columns, notes)
+
+
+def _keep_one_channel(graph: ChannelGraph, root: list[int], dropped: set[int]) -> bool:
+    """A layer with no channels left would not run: keep its first one. True when anything changed."""
+    changed = False
+    for producer in graph.producers:
+        roots = [root[s] for s in producer.slots]
+        if roots and all(r in dropped for r in roots):
+            dropped.discard(roots[0])
+            graph.slots.pin([roots[0]], f"is the last channel {producer.weight} would keep")
+            changed = True
+    return changed
+
+
+def _balance(graph: ChannelGraph, root: list[int], dropped: set[int], constrained: bool) -> bool:
+    """Make every repeat keep the same number of copies of each remaining source. True when anything changed.
+
+    A removed source takes its copies with it, and a source with no copies left is read by nothing and goes. Then
+    the remaining sources must keep equally many copies: unconstrained, the groups that would lose more keep the
+    extra copies (pinned, so that the spec reports them); constrained, the others lose more, first copies first,
+    as far as pinned copies allow.
+    """
+    pinned = graph.slots.reason
+    changed = False
+    for repeat in graph.repeats:
+        sources = [root[s] for s in repeat.sources]
+        copies = [[root[c] for c in group] for group in repeat.copies]
+        for source, group in zip(sources, copies):
+            if source in dropped and any(c not in dropped for c in group):
+                if any(c in pinned for c in group):
+                    dropped.discard(source)
+                    graph.slots.pin([source], next(pinned[c] for c in group if c in pinned))
+                else:
+                    dropped.update(group)
+                changed = True
+            elif source not in dropped and source not in pinned and all(c in dropped for c in group):
+                dropped.add(source)
+                changed = True
+        live = [group for source, group in zip(sources, copies) if source not in dropped]
+        counts = [sum(c in dropped for c in group) for group in live]
+        if len(set(counts)) <= 1:
+            continue
+        target = min(counts)
+        if constrained:
+            target = min(min(n + sum(c not in dropped and c not in pinned for c in g) for n, g in zip(counts, live)),
+                         max(counts))  # fmt: skip
+        for n, group in zip(counts, live):
+            if n < target:
+                dropped.update([c for c in group if c not in dropped and c not in pinned][: target - n])
+            elif n > target:
+                extra = [c for c in group if c in dropped][target - n :]
+                dropped.difference_update(extra)
+                graph.slots.pin(extra, UNEQUAL_GROUPS)
+        changed = True
+    return changed
 
 
 def _notes(graph, pruned_inputs, pruned_outputs, dropped, columns, last) -> list[Note]:

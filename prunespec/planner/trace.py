@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves
 
 from prunespec.applier.rules import rule_for, runs_own_forward
 from prunespec.planner import ops
-from prunespec.planner.graph import ChannelGraph, ChannelMap, Fold, SplitMap
+from prunespec.planner.graph import Binding, ChannelGraph, ChannelMap, Fold, SplitMap
 from prunespec.planner.meta import made_output
 
 OUTPUT = "reaches the model output"
@@ -47,16 +47,22 @@ class Tracer(TorchFunctionMode):
         self.graph = ChannelGraph()
         self.slots = self.graph.slots
         self.meta = bool(twins)
-        self.names: dict[int, str] = {}  # id of a parameter or buffer the model runs with -> its first name
-        for name, t in twins.items() if twins else chain(model.named_parameters(), model.named_buffers()):
-            self.names.setdefault(id(t), name)
+        # id of a parameter or buffer the model runs with -> its names (several for a tensor modules share)
+        self.names: dict[int, list[str]] = {}
+        named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+        for name, t in twins.items() if twins else named:
+            self.names.setdefault(id(t), []).append(name)
+        self.graph.aliases = {n: names[0] for names in self.names.values() if len(names) > 1 for n in names}
         self.current_op = ""  # the name of the op whose rule is running
         self.op_counts: Counter[str] = Counter()  # calls so far per op name, to find an op again in another run
         self.calls: Counter[str] = Counter()  # weight name -> number of calls
         # id -> (tensor, map); holding the tensor keeps its id from being reused during the trace
         self._maps: dict[int, tuple[torch.Tensor, ChannelMap]] = {}
         self._why: dict[int, tuple[torch.Tensor, str]] = {}
-        self._split: dict[int, tuple[torch.Tensor, SplitMap]] = {}  # tensors whose channels span two axes
+        self._split: dict[int, tuple[torch.Tensor, SplitMap]] = {}  # tensors whose channels span several axes
+        # id of a split's slot list -> (the list, (sizes, unit dimension), one slot per unit): see `ops.splits`
+        self.decisions: dict[int, tuple[list[int], tuple, list[int]]] = {}
+        self._joined: dict[int, tuple[torch.Tensor, list[tuple[str, int]]]] = {}  # see `join_tensors`
         # The modules whose forward is running, innermost last, with the tensor each was called with.
         self.modules = dict(model.named_modules())
         self._module_names = {id(m): name for name, m in self.modules.items()}
@@ -215,8 +221,30 @@ class Tracer(TorchFunctionMode):
     def leave(self, module, args, out) -> None:
         self._running.pop()
 
+    def is_multihead_attention(self, name: str) -> bool:
+        return isinstance(self.modules.get(name), torch.nn.MultiheadAttention)
+
+    def join_tensors(self, t: torch.Tensor, parts: list[tuple[str, int]]) -> None:
+        """Note that `t` is the model's tensors `parts` (name, length) laid end to end along axis 0."""
+        self._joined[id(t)] = (t, parts)
+
+    def joined_tensors(self, t) -> list[tuple[str, int]] | None:
+        entry = self._joined.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0] is t else None
+
+    def running_module(self) -> str | None:
+        """The name of the innermost module whose forward is running."""
+        return self._running[-1][0] if self._running else None
+
     def name(self, t) -> str | None:
-        return self.names.get(id(t)) if isinstance(t, torch.Tensor) else None
+        """The name of a parameter or buffer of the model; of a shared one, the name under the running module."""
+        names = self.names.get(id(t)) if isinstance(t, torch.Tensor) else None
+        if not names:
+            return None
+        if len(names) > 1 and self._running:
+            prefix = f"{self._running[-1][0]}."
+            return next((n for n in names if n.startswith(prefix) and "." not in n[len(prefix) :]), names[0])
+        return names[0]
 
     def pin_inputs(self, args, kwargs, reason: str) -> None:
         for t in tree_leaves((args, kwargs)):
@@ -284,6 +312,8 @@ def _trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], run: str) -> 
             tracer.slots.pin(cmap.slots, OUTPUT)
     tracer.graph.folds = tracer.folds(out)
     _pin_shared_weights(tracer.graph, tracer.calls)
+    _tie_shared_axes(tracer.graph)
+    _link_key_value_heads(tracer.graph)
     return tracer.graph
 
 
@@ -348,6 +378,37 @@ def _shape_only(x, run: str, fake_mode, model: torch.nn.Module):
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with fake_mode:
         return torch.empty(x.shape, dtype=x.dtype, device=device)
+
+
+def _tie_shared_axes(graph: ChannelGraph) -> None:
+    """One axis of one tensor keeps one set of indices: tie the slots of every record that labels it.
+
+    A tied input and output embedding is one tensor, whose columns the embedding makes and the output layer reads.
+    """
+    seen: dict[tuple[str, int], list[int]] = {}
+    for record in [*graph.bindings, *graph.consumers]:
+        name = record.tensor if isinstance(record, Binding) else record.weight
+        slots = seen.setdefault((graph.aliases.get(name, name), record.axis), record.slots)
+        if slots is not record.slots:
+            if len(slots) == len(record.slots):
+                graph.slots.union_all(slots, record.slots)
+            else:
+                graph.slots.pin([*slots, *record.slots], "belongs to a tensor read along one axis in two ways")
+
+
+def _link_key_value_heads(graph: ChannelGraph) -> None:
+    """Each attention's key/value heads: the sources of the repeats whose copies are its query heads."""
+    root = graph.slots.roots_table()
+    source_of: dict[int, tuple[int, int]] = {}  # root of a copy -> (repeat number, source index)
+    for n, repeat in enumerate(graph.repeats):
+        for i, copies in enumerate(repeat.copies):
+            for c in copies:
+                source_of.setdefault(root[c], (n, i))
+    for heads in graph.heads:
+        found = [source_of.get(root[q]) for q in heads.query]
+        if found and all(f is not None and f[0] == found[0][0] for f in found):
+            repeat = graph.repeats[found[0][0]]
+            heads.key_value = [repeat.sources[i] for i in dict.fromkeys(f[1] for f in found)]
 
 
 def _pin_shared_weights(graph: ChannelGraph, calls: Counter) -> None:

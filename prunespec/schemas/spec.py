@@ -25,9 +25,9 @@ import msgspec
 
 from prunespec.errors import SpecError
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 # Every version this reader reads, oldest first; see `_migrate` for the policy.
-KNOWN_VERSIONS = ("1.0", "1.1", "1.2")
+KNOWN_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 # An index above this is not a channel of any real model; refusing it early keeps hostile files cheap to reject.
 MAX_INDEX = 2**31 - 1
 
@@ -69,8 +69,15 @@ class ChannelRequest(_Struct):
     channels: IndexRuns
 
 
+class UnitRequest(_Struct):
+    """Units of one module that the user asked to prune: attention heads, or key/value heads (since schema 1.3)."""
+
+    module: str
+    indices: IndexRuns
+
+
 class Request(_Struct):
-    """What the user asked for: pruned consumer inputs, pruned producer outputs, and the export mode."""
+    """What the user asked for: pruned consumer inputs, pruned producer outputs, heads, and the export mode."""
 
     pruned_inputs: list[ChannelRequest]
     pruned_outputs: list[ChannelRequest]
@@ -78,15 +85,35 @@ class Request(_Struct):
     reorder: bool
     zeroed: bool = msgspec.field(default=False)
     """True when the channels were found as all-zero weights rather than listed."""
+    pruned_heads: list[UnitRequest] = msgspec.field(default_factory=list)
+    """Query heads by attention module and head index (since schema 1.3)."""
+    pruned_kv_heads: list[UnitRequest] = msgspec.field(default_factory=list)
+    """Key/value heads by attention module and key/value head index (since schema 1.3)."""
 
 
 class KeptChannels(_Struct):
-    """Requested channels the planner kept, and why (principle 6: the spec is honest)."""
+    """Requested channels the planner kept, and why (principle 6: the spec is honest).
+
+    `side` is "input" or "output" for channels of a weight named by `tensor`; since schema 1.3 also "heads" or
+    "key_value_heads", with `tensor` naming the attention module and `channels` the head indices.
+    """
 
     tensor: str
-    side: Literal["input", "output"]
+    side: Literal["input", "output", "heads", "key_value_heads"]
     channels: IndexRuns
     reason: str
+
+
+class HeadCounts(_Struct):
+    """The heads of an attention module before and after pruning (since schema 1.3).
+
+    `query` and `key_value` are ``[before, after]``; they are equal unless the attention shares key/value heads
+    between groups of query heads. `head_dim` never changes.
+    """
+
+    query: tuple[Count, Count]
+    key_value: tuple[Count, Count]
+    head_dim: Count
 
 
 class Subselection(_Struct):
@@ -115,6 +142,8 @@ class LayerSpec(_Struct, omit_defaults=True):
       applier can refuse a spec whose layers are consistent one by one but not with what flows between them.
     - `macs`: multiply-accumulates of the layer for the example inputs, before and after pruning; only on layers
       that do multiply-accumulates (convolutions, linear layers, attention projections).
+
+    Since schema 1.3, `heads` on attention modules (see `HeadCounts`).
     """
 
     type: str
@@ -123,6 +152,9 @@ class LayerSpec(_Struct, omit_defaults=True):
     input: Subselection | None = None
     input_activation_channels: Count | None = None
     macs: tuple[Count, Count] | None = None
+    heads: HeadCounts | None = None
+    """On attention modules whose heads change (since schema 1.3); the module's head-count attributes that its
+    forward reads are in `attributes`."""
 
 
 class NormFold(_Struct):
@@ -377,6 +409,9 @@ def _check_runs_are_well_formed(spec: PruningSpec, source: str) -> None:
     for side in ("pruned_inputs", "pruned_outputs"):
         for i, request in enumerate(getattr(spec.request, side)):
             check(request.channels, f"request.{side}[{i}].channels")
+    for side in ("pruned_heads", "pruned_kv_heads"):
+        for i, unit in enumerate(getattr(spec.request, side)):
+            check(unit.indices, f"request.{side}[{i}].indices")
     for i, kept in enumerate(spec.kept):
         check(kept.channels, f"kept[{i}].channels")
     for name, layer in spec.layers.items():
@@ -401,11 +436,11 @@ def _migrate(raw: dict[str, Any], source: str) -> dict[str, Any]:
     this reason), and applying it without them could build a wrong model without a word.
 
     >>> _migrate({"schema_version": "1.0", "generator": "prunespec 0.1.0"}, "spec")["schema_version"]
-    '1.2'
-    >>> _migrate({"schema_version": "1.3", "generator": "prunespec 0.4.0"}, "spec")  # doctest: +ELLIPSIS
+    '1.3'
+    >>> _migrate({"schema_version": "1.4", "generator": "prunespec 0.5.0"}, "spec")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    prunespec.errors.SpecError: spec: schema_version 1.3 is newer than this prunespec reads (1.2); upgrade to ...
+    prunespec.errors.SpecError: spec: schema_version 1.4 is newer than this prunespec reads (1.3); upgrade to ...
     """
     version = raw.get("schema_version")
     if not isinstance(version, str) or not re.fullmatch(r"[0-9]{1,9}\.[0-9]{1,9}", version):
@@ -453,8 +488,17 @@ def _from_1_1(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "schema_version": "1.2"}
 
 
+def _from_1_2(raw: dict[str, Any]) -> dict[str, Any]:
+    """1.2 -> 1.3: requests gain `pruned_heads` and `pruned_kv_heads`, layers `heads`, and kept channels the sides
+    "heads" and "key_value_heads"; all stay absent.
+
+    Lost: nothing. A 1.2 file was planned without heads, so it prunes none.
+    """
+    return {**raw, "schema_version": "1.3"}
+
+
 # The step from each version to the next, oldest first; a new version adds one entry here and one to KNOWN_VERSIONS.
-_MIGRATIONS = {"1.0": _from_1_0, "1.1": _from_1_1}
+_MIGRATIONS = {"1.0": _from_1_0, "1.1": _from_1_1, "1.2": _from_1_2}
 
 
 def json_schema() -> dict[str, Any]:

@@ -1,0 +1,23 @@
+"""Per-op channel rules: how each torch function moves, mixes or creates channels.
+
+`RULES` maps an op's name (as `TorchFunctionMode` sees it: ``conv2d``, ``add_``, ``__getitem__``) to a rule
+``rule(tracer, args, kwargs, out)`` that labels `out` with a `ChannelMap` and records producers, consumers and
+bindings in the tracer's graph. The rules live in one module per kind of op, all registering into one table:
+
+- `layers`: convolutions, linear layers, embeddings (start with `layers.mix`);
+- `elementwise`: broadcasting arithmetic, activations, pooling, reductions;
+- `norms`: batch, instance, layer, group and RMS norms;
+- `shapes`: views, concatenation, splitting, indexing, axis moves;
+- `splits`: channels split over several axes (heads, groups) and when to decide how they may shrink;
+- `attention`: matrix products between activations, scaled dot-product and multi-head attention.
+
+The one safety rule: a rule that cannot say exactly where every output channel comes from calls `opaque`, which
+pins the slots of all inputs (they are kept) and leaves the output unlabelled. An unlabelled tensor is treated as
+fixed-size wherever it meets labelled channels, so nothing downstream of it is pruned either.
+"""
+
+from prunespec.planner.ops import attention, elementwise, layers, norms, shapes  # noqa: F401  (they register)
+from prunespec.planner.ops.base import RULES, opaque
+from prunespec.planner.ops.splits import split_rule
+
+__all__ = ["RULES", "opaque", "split_rule"]

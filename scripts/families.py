@@ -1,0 +1,140 @@
+"""Small random models of the attention-bearing families that prunespec is checked on, built offline.
+
+Start with `FAMILIES`: a name for each family and a function that builds the model (random weights, float64) and
+its example inputs. The Hugging Face configurations are tiny (two layers, 64 channels, 8 heads in 2 key/value
+groups where the family has them) so that the test suite can plan, apply and compare every family in seconds;
+`make zoo` runs the same families. transformers, timm and torchvision are imported only by the builders that need
+them: they are test and zoo extras, never dependencies of prunespec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+VOCABULARY = 64
+TOKENS = 7
+
+
+@dataclass
+class Family:
+    """How to build one family's model, and what kind of model it is."""
+
+    build: Callable[[], tuple[nn.Module, list[torch.Tensor]]]
+    causal_lm: bool = False  # a decoder with a key/value cache, checked by greedy generation too
+
+
+def _ids(seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCABULARY, (2, TOKENS), generator=generator)]
+
+
+def _lm(model_class: str, config_class: str, **options) -> Callable[[], tuple[nn.Module, list[torch.Tensor]]]:
+    def build():
+        import transformers
+
+        settings = dict(
+            vocab_size=VOCABULARY, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )  # fmt: skip
+        settings.update(options)
+        config = getattr(transformers, config_class)(**settings)
+        torch.manual_seed(0)
+        return getattr(transformers, model_class)(config).eval().double(), _ids()
+
+    return build
+
+
+def _gpt2():
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=VOCABULARY, n_embd=64, n_layer=2, n_head=8, n_positions=64,
+                                     bos_token_id=1, eos_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval().double(), _ids()
+
+
+def _bert():
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=VOCABULARY, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                                     intermediate_size=96, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval().double(), _ids()
+
+
+def _hf_vit():
+    import transformers
+
+    config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, intermediate_size=96,
+                                    image_size=32, patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.ViTModel(config).eval().double(), [_image(32)]
+
+
+def _image(size: int, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def _timm(name: str, size: int = 224, **options):
+    def build():
+        import timm
+
+        torch.manual_seed(0)
+        return timm.create_model(name, pretrained=False, **options).eval().double(), [_image(size)]
+
+    return build
+
+
+def _torchvision(name: str, size: int = 224, **options):
+    def build():
+        import torchvision
+
+        torch.manual_seed(0)
+        return torchvision.models.get_model(name, weights=None, **options).eval().double(), [_image(size)]
+
+    return build
+
+
+class AttentionBlock(nn.Module):
+    """A user model with `nn.MultiheadAttention` between two linear layers, attending with a key padding mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(16, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.embed(x))
+        padding = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        padding[:, -1] = True
+        a, _ = self.attn(h, h, h, key_padding_mask=padding)
+        return self.head(a + h)
+
+
+def _multihead():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return AttentionBlock().eval().double(), [x]
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(_lm("LlamaForCausalLM", "LlamaConfig", head_dim=8), causal_lm=True),
+    "qwen2": Family(_lm("Qwen2ForCausalLM", "Qwen2Config"), causal_lm=True),
+    "mistral": Family(_lm("MistralForCausalLM", "MistralConfig", head_dim=8), causal_lm=True),
+    "gemma": Family(_lm("GemmaForCausalLM", "GemmaConfig", head_dim=16), causal_lm=True),
+    "phi3": Family(_lm("Phi3ForCausalLM", "Phi3Config"), causal_lm=True),
+    "gpt2": Family(_gpt2, causal_lm=True),
+    "bert": Family(_bert),
+    "hf-vit": Family(_hf_vit),
+    "timm-vit": Family(_timm("vit_tiny_patch16_224", 64, img_size=64)),
+    "timm-deit": Family(_timm("deit_tiny_patch16_224", 64, img_size=64)),
+    "timm-eva02": Family(_timm("eva02_tiny_patch14_224", 56, img_size=56)),
+    "torch-mha": Family(_multihead),
+    "tv-vit_b_16": Family(_torchvision("vit_b_16", 64, image_size=64)),
+    "tv-swin_t": Family(_torchvision("swin_t", 64)),
+}
