@@ -435,14 +435,33 @@ FormatOption = Annotated[str, typer.Option("--format", "-f", metavar="FORMAT", h
 
 
 @app.command("show")
-def show_command(spec_path: SpecArgument, fmt: FormatOption = "text") -> None:
+def show_command(
+    spec_path: SpecArgument,
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", metavar="FORMAT", help="text, markdown, json or html.")
+    ] = "text",
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", metavar="FILE", help="Write to FILE instead of stdout.")
+    ] = None,
+) -> None:
     """Summarise SPEC: each touched layer's channels and sizes before -> after, its subselection, and totals.
+
+    --format html writes a self-contained page (inline CSS and SVG, nothing from the network) for a CI artifact:
+    a chart of each layer's channels and MACs before and after, the kept channels and why, the gathers and slices.
+    Example: prunespec show model.prunespec.json -f html -o report.html
 
     Also fit to be a git 'textconv' for *.prunespec.json files (see the README).
     """
     with _reporting_errors():
-        _check_format(fmt)
-        sys.stdout.write(review.render_show(prunespec.load_spec(spec_path), fmt))
+        if fmt not in review.SHOW_FORMATS:
+            raise CliError(f"--format {fmt!r}: use one of {', '.join(review.SHOW_FORMATS)}")
+        report = review.render_show(prunespec.load_spec(spec_path), fmt)
+        if output is None:
+            sys.stdout.write(report)
+            return
+        with atomic_path(output) as tmp:
+            tmp.write_text(report if report.endswith("\n") else report + "\n", encoding="utf-8")
+        typer.echo(f"wrote {output}", err=True)
 
 
 @app.command("diff")

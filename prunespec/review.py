@@ -2,10 +2,10 @@
 
 Start with `layer_rows`: one `LayerRow` per touched module, with its channels and tensor sizes before and after,
 worked out from the spec's fingerprint (the shapes before) and its kept indices (the sizes after), and its MACs as
-the planner recorded them (since schema 1.1). `render_show` prints them as text, markdown or JSON. `diff_specs`
-compares two specs layer by layer and tensor axis by tensor axis, by the *sets* of original indices they keep, so a
-reordering alone is told apart from a change of channels; `render_diff` prints the result, with a one-line
-verdict. Nothing here needs the model, torch or the planner.
+the planner recorded them (since schema 1.1). `render_show` prints them as text, markdown or JSON (and hands HTML
+to `prunespec.report`). `diff_specs` compares two specs layer by layer and tensor axis by tensor axis, by the
+*sets* of original indices they keep, so a reordering alone is told apart from a change of channels; `render_diff`
+prints the result, with a one-line verdict. Nothing here needs the model, torch or the planner.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from prunespec.schemas import LayerSpec, PruningSpec, decode_runs, encode_runs, parse_runs
 
 FORMATS = ("text", "markdown", "json")
+SHOW_FORMATS = (*FORMATS, "html")  # the page is made by prunespec.report
 
 
 @dataclass
@@ -118,23 +119,29 @@ def _channels(shape: list[int] | None, axes: list[str | None], axis: int | None)
     return shape[axis], _kept_count(axes[axis] if axis < len(axes) else None, shape[axis])
 
 
-def _arrow(pair: tuple[int, int] | None) -> str:
+def arrow(pair: tuple[int, int] | None) -> str:
+    """A count before → after, or one count when it did not change.
+
+    >>> arrow((64, 48)), arrow((8, 8)), arrow(None)
+    ('64 → 48', '8', '–')
+    """
     if pair is None:
         return "–"
     return f"{pair[0]:,}" if pair[0] == pair[1] else f"{pair[0]:,} → {pair[1]:,}"
 
 
-def _mode(spec: PruningSpec) -> str:
+def describe_mode(spec: PruningSpec) -> str:
+    """How the spec was planned: constrained or not, reordered or not, listed or zeroed channels."""
     request = spec.request
     mode = "constrained" if request.constrained else "unconstrained"
     mode += ", reordered" if request.reorder else ", not reordered"
     return mode + (", zeroed channels" if request.zeroed else ", requested channels")
 
 
-def _change(before: int, after: int) -> str:
+def relative_change(before: int, after: int) -> str:
     """Before → after with the relative change.
 
-    >>> _change(200, 150)
+    >>> relative_change(200, 150)
     '200 → 150 (-25.0%)'
     """
     percent = f" ({(after - before) / before * 100:+.1f}%)" if before else ""
@@ -151,8 +158,20 @@ def _table(head: list[str], body: list[list[str]], markdown: bool) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [head, *body]]
 
 
+def layer_table(rows: list[LayerRow]) -> tuple[list[str], list[list[str]]]:
+    """The head and body of the per-layer table `show` prints, as text cells."""
+    head = ["layer", "type", "inputs", "outputs", "tensor elements", "MACs", "subselection"]
+    body = [[r.name, r.type, arrow(r.inputs), arrow(r.outputs), arrow(r.elements), arrow(r.macs),
+             r.subselection or "–"] for r in rows]  # fmt: skip
+    return head, body
+
+
 def render_show(spec: PruningSpec, fmt: str = "text") -> str:
-    """The summary `prunespec show` prints, as text, markdown or JSON."""
+    """The summary `prunespec show` prints, as text, markdown, JSON or a self-contained HTML page."""
+    if fmt == "html":
+        from prunespec.report import render_html  # it imports this module
+
+        return render_html(spec)
     rows = layer_rows(spec)
     s = spec.summary
     notes = [PREDATES_LAYER_MACS] if predates_layer_macs(spec) else []
@@ -160,7 +179,7 @@ def render_show(spec: PruningSpec, fmt: str = "text") -> str:
         data = {
             "model": spec.model,
             "schema_version": spec.schema_version,
-            "mode": _mode(spec),
+            "mode": describe_mode(spec),
             "layers": [asdict(row) for row in rows],
             "summary": {k: getattr(s, k) for k in s.__struct_fields__},
             "kept": [
@@ -171,18 +190,16 @@ def render_show(spec: PruningSpec, fmt: str = "text") -> str:
         }
         return json.dumps(data, indent=2)
     markdown = fmt == "markdown"
-    head = ["layer", "type", "inputs", "outputs", "tensor elements", "MACs", "subselection"]
-    body = [[r.name, r.type, _arrow(r.inputs), _arrow(r.outputs), _arrow(r.elements), _arrow(r.macs),
-             r.subselection or "–"] for r in rows]  # fmt: skip
+    head, body = layer_table(rows)
     gathers = sum(r.subselection == "gather" for r in rows)
     slices = sum(r.subselection == "slice" for r in rows)
     lines = [
-        f"{'## ' if markdown else ''}{spec.model} (schema {spec.schema_version}, {_mode(spec)})",
+        f"{'## ' if markdown else ''}{spec.model} (schema {spec.schema_version}, {describe_mode(spec)})",
         "",
         *_table(head, body, markdown),
         "",
-        f"parameters: {_change(s.parameters_before, s.parameters_after)}",
-        f"MACs:       {_change(s.macs_before, s.macs_after)}",
+        f"parameters: {relative_change(s.parameters_before, s.parameters_after)}",
+        f"MACs:       {relative_change(s.macs_before, s.macs_after)}",
         (
             f"layers touched: {len(rows)}; activation subselections: {s.subselections} ({slices} slices, {gathers} "
             "gathers: a gather copies the activation at run time)"
@@ -340,7 +357,7 @@ def render_diff(d: SpecDiff, fmt: str = "text", names: tuple[str, str] = ("OLD",
             lines.append(f"{bullet}{_code(name, markdown)}: {'; '.join(words)}")
         lines.append("")
     for key, (before, after) in d.summary.items():
-        lines.append(f"{key}: {_change(before, after)}")
+        lines.append(f"{key}: {relative_change(before, after)}")
     if d.summary:
         lines.append("")
     lines.append(f"{'**' if markdown else ''}{verdict(d)}{'**' if markdown else ''}")

@@ -1,12 +1,15 @@
-"""Reviewing specs: `prunespec show`, `diff` (also as git's external diff driver and textconv) and `validate`.
+"""Reviewing specs: `prunespec show` (text, markdown, JSON and an HTML page checked in headless Chromium), `diff`
+(also as git's external diff driver and textconv) and `validate`.
 
 The counts `show` prints are checked against a really pruned torchvision model; the commands run as subprocesses,
-as users and git run them.
+as users and git run them. `_many_layers` makes large synthetic specs, for the limits of what `diff` prints.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +22,7 @@ from test_cli import REPO, TESTS, TINY, run_all, run_cli
 
 import prunespec
 from prunespec import review
-from prunespec.schemas import decode_runs
+from prunespec.schemas import LayerSpec, PruningSpec, Request, Subselection, Summary, decode_runs, encode_runs
 
 V1_0_SPEC = Path(__file__).parent / "data" / "v1.0" / "fork.unconstrained.prunespec.json"
 
@@ -89,6 +92,82 @@ def test_show_prints_text_markdown_and_json(specs, tmp_path):
     assert all(line.split()[-2:] in (["–", "–"], ["–", "slice"], ["–", "gather"]) for line in _table_rows(old))
 
 
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_MISSING = "headless Chromium is not installed (Debian package 'chromium'; `make test` installs it)"
+
+
+def _chromium(page: Path, *args: str) -> str:
+    """Load `page` in headless Chromium, offline-minded, with its own profile; return what it prints."""
+    assert CHROMIUM is not None
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+    profile = page.parent / f"profile-{page.stem}-{len(args)}"
+    command = [CHROMIUM, *flags, f"--user-data-dir={profile}", *args, page.as_uri()]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=True).stdout
+
+
+def _pixels_near(image: torch.Tensor, colour: tuple[int, int, int]) -> int:
+    """How many pixels of an RGB(A) image are within 8 levels of `colour` in each channel."""
+    rgb = image[:3].to(torch.int32)
+    return int(((rgb - torch.tensor(colour).view(3, 1, 1)).abs() <= 8).all(dim=0).sum())
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=CHROMIUM_MISSING)
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29 points to torchcodec
+def test_show_html_is_a_self_contained_page_that_chromium_renders(tmp_path):
+    from nets import build
+
+    from prunespec import report
+
+    # The grouped net keeps a requested channel (a grouped convolution) and gathers in front of conv3.
+    model, inputs = build("grouped")
+    request = [("grouped.weight", 1), ("conv3.weight", 1), ("conv3.weight", 4)]
+    small = prunespec.plan(model, inputs, pruned_inputs=request, reorder=False)
+    small.model = "nets:grouped <b>&</b>"  # text that must be escaped
+    assert small.kept and any(row.subselection == "gather" for row in review.layer_rows(small))
+    specs_ = {"small": small, "big": _many_layers(seed=3, blocks=150)}  # 300 layers
+    for name, spec in specs_.items():
+        spec.save(tmp_path / f"{name}.prunespec.json")
+    runs = _runs(
+        {
+            "small": ["show", tmp_path / "small.prunespec.json", "-f", "html", "-o", tmp_path / "small.html"],
+            "big": ["show", tmp_path / "big.prunespec.json", "--format", "html", "--output", tmp_path / "big.html"],
+            "stdout": ["show", tmp_path / "small.prunespec.json", "-f", "html"],
+            "markdown": ["show", tmp_path / "small.prunespec.json", "-f", "markdown", "-o", tmp_path / "small.md"],
+            "bad": ["show", tmp_path / "small.prunespec.json", "-f", "pdf", "-o", tmp_path / "bad.pdf"],
+        },
+        tmp_path / "runs",
+    )
+    for name in ("small", "big", "stdout", "markdown"):
+        assert runs[name].returncode == 0, runs[name].stderr
+    assert runs["stdout"].stdout == (tmp_path / "small.html").read_text() == report.render_html(small)
+    assert (tmp_path / "small.md").read_text() == review.render_show(small, "markdown")
+    assert runs["bad"].returncode == 1 and runs["bad"].stderr == (
+        "error: --format 'pdf': use one of text, markdown, json, html\n"
+    )
+    assert not (tmp_path / "bad.pdf").exists() and not list(tmp_path.glob(".*.tmp*"))
+
+    for name, spec in specs_.items():
+        page = tmp_path / f"{name}.html"
+        dom = _chromium(page, "--dump-dom")
+        assert dom.count('class="layer-row"') == len(spec.layers), name  # one chart row per layer
+        assert dom.count("<rect ") >= len(spec.layers) and '<svg class="chart" id="layer-chart"' in dom
+        assert all(f">{layer}<" in dom for layer in spec.layers), name  # each name in the chart and the table
+        assert re.search(r"https?://", dom) is None and not re.search(r"<(script|link|img|iframe)\b", dom), name
+        picture = tmp_path / f"{name}.png"
+        _chromium(page, f"--screenshot={picture}", "--window-size=1280,2000")
+        image = torchvision.io.decode_png(torchvision.io.read_file(str(picture)))
+        assert tuple(image.shape[1:]) == (2000, 1280)
+        assert len(image[:3].reshape(3, -1).unique(dim=1).T) > 50, name  # text, bars and tables, not a blank page
+        channels, macs = report.PANELS[0][1], report.PANELS[2][1]
+        for colour in (channels, macs):  # the chart's bars after pruning are drawn
+            rgb = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
+            assert _pixels_near(image, rgb) > 200, (name, colour)
+    small_dom = _chromium(tmp_path / "small.html", "--dump-dom")
+    assert "<h1>nets:grouped &lt;b&gt;&amp;&lt;/b&gt;</h1>" in small_dom
+    assert small.kept[0].reason in small_dom and '<td class="gather">gather</td>' in small_dom
+
+
 def _table_rows(text: str) -> list[str]:
     """The rows of the layer table that `show` prints as text, after its head."""
     lines = text.splitlines()
@@ -119,6 +198,35 @@ def test_diff_exit_status_and_report(specs, tmp_path):
     assert not data["equal"] and {c["tensor"] for c in data["axes"]} >= {"weight", "bias", "running_mean"}
     for name in ("missing", "one"):
         assert runs[name].returncode == 2 and runs[name].stderr.startswith("error: "), runs[name].stderr
+
+
+def _many_layers(seed: int, blocks: int = 120, width: int = 256) -> PruningSpec:
+    """A spec of a chain of 1x1 convolutions (on 8x8 inputs) and batch norms where each block keeps a seeded random
+    70% of its channels and two convolutions in three gather their input: large enough that index lists are long."""
+    rng = random.Random(seed)
+    fingerprint: dict[str, str] = {}
+    layers: dict[str, LayerSpec] = {}
+    before: str | None = None  # the runs the previous block keeps: this convolution's inputs
+    for i in range(blocks):
+        conv, norm = f"blocks.{i}.conv", f"blocks.{i}.norm"
+        kept = encode_runs(sorted(rng.sample(range(width), width * 7 // 10)))
+        fingerprint[f"{conv}.weight"] = f"float32[{width},{width},1,1]"
+        fingerprint |= {f"{norm}.{t}": f"float32[{width}]" for t in ("weight", "bias", "running_mean", "running_var")}
+        gather = Subselection(width, encode_runs(sorted(rng.sample(range(width), width // 2)))) if i % 3 else None
+        inputs = len(decode_runs(before)) if before else width
+        macs = (64 * width**2, 64 * inputs * len(decode_runs(kept)))
+        layers[conv] = LayerSpec("Conv2d", tensors={"weight": [kept, before]}, input=gather, macs=macs)
+        layers[norm] = LayerSpec("BatchNorm2d", tensors={t: [kept] for t in ("weight", "bias", "running_mean",
+                                                                               "running_var")})  # fmt: skip
+        before = kept
+    request = Request([], [], constrained=False, reorder=True)
+    spec = PruningSpec(f"synthetic:chain{blocks}", [], request, Summary(0, 0, 0, 0, 0), layers, fingerprint)
+    rows = review.layer_rows(spec)
+    elements = [sum(r.elements[side] for r in rows) for side in (0, 1)]
+    macs = [sum(r.macs[side] for r in rows if r.macs) for side in (0, 1)]
+    gathers = sum(layer.input is not None for layer in layers.values())
+    spec.summary = Summary(elements[0], elements[1], macs[0], macs[1], gathers)
+    return spec
 
 
 def test_diff_reports_a_reordering_apart_from_a_change(specs):
