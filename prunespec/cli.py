@@ -468,8 +468,15 @@ def show_command(
 def diff_command(
     paths: Annotated[list[str], typer.Argument(metavar="OLD NEW", help="Two spec files.")],
     fmt: FormatOption = "text",
+    full: Annotated[
+        bool, typer.Option("--full", help="List every index and tensor, not the first runs of each and a count.")
+    ] = False,
 ) -> None:
     """Compare two specs by what they do to the model. Exit status 0: equal, 1: they differ, 2: trouble (as diff).
+
+    The first line is the verdict: same, differ, or planned for different models (and which).
+    Then the changed totals, and one line per changed layer and group of its tensors that keep the same indices.
+    Long index lists show their first runs and a count (--full: all). Markdown is cut to fit a GitHub comment.
 
     Run by git as an external diff driver (seven arguments), it prints the comparison and exits 0, as git expects.
     """
@@ -486,7 +493,7 @@ def diff_command(
             return
         result = review.diff_specs(prunespec.load_spec(old_path), prunespec.load_spec(new_path))
         shown = (paths[0], paths[0]) if from_git else (old_path, new_path)
-        sys.stdout.write(review.render_diff(result, fmt, shown))
+        sys.stdout.write(review.render_diff(result, fmt, shown, full=full))
     if not result.equal and not from_git:
         raise typer.Exit(1)
 

@@ -187,15 +187,22 @@ def test_diff_exit_status_and_report(specs, tmp_path):
         },
         tmp_path / "runs",
     )
-    assert runs["equal"].returncode == 0 and runs["equal"].stdout.rstrip().endswith("the same way")
+    assert runs["equal"].returncode == 0
+    assert runs["equal"].stdout.splitlines()[0] == "same: both specs prune the model the same way"
     differ = runs["differ"]
     assert differ.returncode == 1, differ.stderr
-    # b also asks to drop input 5 of conv 3, which only conv 3 reads: conv 0 and the batch norm drop channel 5.
-    assert "0: weight axis 0 keeps 5 → 4, drops 5" in differ.stdout
-    assert differ.stdout.splitlines()[-1].startswith("differ: 3 layers changed, 0 added, 0 removed; parameters")
-    assert "- `3`:" in runs["markdown"].stdout and runs["markdown"].returncode == 1
+    # The verdict comes first.
+    assert differ.stdout.splitlines()[0].startswith("differ: 3 layers changed, 0 added, 0 removed; parameters")
+    # b also asks to drop input 5 of conv 3, which only conv 3 reads: conv 0 and the batch norm drop channel 5,
+    # each tensor of a layer that loses it on one line.
+    assert "  0: weight, bias axis 0: keeps 5 → 4, drops 5\n" in differ.stdout
+    assert "  1: weight, bias, running_mean, running_var axis 0: keeps 5 → 4, drops 5\n" in differ.stdout
+    markdown = runs["markdown"]
+    assert markdown.returncode == 1 and markdown.stdout.startswith("**differ**: 3 layers changed")
+    assert "| `3` | weight axis 1 | keeps 5 → 4, drops 5 |" in markdown.stdout
     data = json.loads(runs["json"].stdout)
-    assert not data["equal"] and {c["tensor"] for c in data["axes"]} >= {"weight", "bias", "running_mean"}
+    assert not data["equal"] and data["same_model"] and data["verdict"] == differ.stdout.splitlines()[0]
+    assert {(c["layer"], c["tensor"]) for c in data["axes"]} >= {("0", "bias"), ("1", "running_mean"), ("3", "weight")}
     for name in ("missing", "one"):
         assert runs[name].returncode == 2 and runs[name].stderr.startswith("error: "), runs[name].stderr
 
@@ -227,6 +234,93 @@ def _many_layers(seed: int, blocks: int = 120, width: int = 256) -> PruningSpec:
     gathers = sum(layer.input is not None for layer in layers.values())
     spec.summary = Summary(elements[0], elements[1], macs[0], macs[1], gathers)
     return spec
+
+
+def test_diff_of_large_specs_fits_a_github_comment(tmp_path):
+    old, new = _many_layers(seed=1), _many_layers(seed=2)
+    paths = [tmp_path / "old.prunespec.json", tmp_path / "new.prunespec.json"]
+    old.save(paths[0])
+    new.save(paths[1])
+    commands = {"text": ["diff", *paths], "markdown_full": ["diff", *paths, "-f", "markdown", "--full"]}
+    runs = _runs(commands, tmp_path / "runs")
+    assert all(run.returncode == 1 for run in runs.values()), {k: r.stderr for k, r in runs.items()}
+    result = review.diff_specs(old, new)
+    full = review.render_diff(result, "text", full=True)
+    assert len(full) > 2 * review.MARKDOWN_LIMIT  # all of it would not fit a comment twice over
+    markdowns = {"markdown": review.render_diff(result, "markdown", tuple(map(str, paths)))}
+    for name, markdown in (markdowns | {"markdown_full": runs["markdown_full"].stdout}).items():
+        assert len(markdown) < review.MARKDOWN_LIMIT, (name, len(markdown))
+        assert markdown.startswith("**differ**: 240 layers changed, 0 added, 0 removed\n"), name
+        note = markdown.rstrip().splitlines()[-1]
+        assert note.startswith("*Cut to fit a GitHub comment (65,536 characters): ") and "more lines not shown" in note
+        assert f"`prunespec diff --full {paths[0]} {paths[1]}` prints all of it as text" in note
+    # Without --full, every index list shows its first 12 runs and a count of the rest.
+    text = runs["text"].stdout
+    assert text.splitlines()[0] == "differ: 240 layers changed, 0 added, 0 removed"
+    assert max(map(len, text.splitlines())) < 500
+    line = next(line for line in text.splitlines() if line.startswith("  blocks.7.norm: "))
+    assert line.startswith("  blocks.7.norm: weight, bias, running_mean, running_var axis 0: keeps 179 → 179, drops ")
+    dropped = set(decode_runs(old.layers["blocks.7.norm"].tensors["weight"][0])) - set(
+        decode_runs(new.layers["blocks.7.norm"].tensors["weight"][0])
+    )
+    runs_shown = re.search(r"drops (\d+): ([0-9,-]+) … and (\d+) more", line)
+    assert runs_shown is not None and int(runs_shown[1]) == len(dropped), line
+    assert len(runs_shown[2].split(",")) == review.SHOWN_RUNS
+    assert len(decode_runs(runs_shown[2])) + int(runs_shown[3]) == len(dropped)
+    assert f"drops {encode_runs(sorted(dropped))}," in full  # --full: all of them
+    # JSON is complete: every axis of every layer, with every index.
+    data = json.loads(review.render_diff(result, "json"))
+    assert len(data["axes"]) == 120 * 4 + 120 * 2 - 1  # norms: 4 tensors; convs: both axes but the first's input
+    norm = next(c for c in data["axes"] if (c["layer"], c["tensor"]) == ("blocks.7.norm", "weight"))
+    assert set(norm["dropped"]) == dropped
+
+
+def test_diff_of_specs_for_different_models_says_so_first(specs, tmp_path):
+    from models_for_cli import wider_net
+
+    wider = prunespec.plan(wider_net().eval(), [torch.randn(1, 3, 16, 16)], pruned_inputs=[("3.weight", 0)])
+    wider.model = "models_for_cli:wider_net"
+    wider.save(tmp_path / "wider.prunespec.json")
+    renamed = prunespec.load_spec(specs["a"])
+    renamed.fingerprint["7.weight"] = "float32[10,8]"  # the same name, another classifier
+    renamed.save(tmp_path / "renamed.prunespec.json")
+    runs = _runs(
+        {
+            "text": ["diff", specs["a"], tmp_path / "wider.prunespec.json"],
+            "markdown": ["diff", specs["a"], tmp_path / "wider.prunespec.json", "-f", "markdown"],
+            "same_name": ["diff", specs["a"], tmp_path / "renamed.prunespec.json"],
+        },
+        tmp_path / "runs",
+    )
+    first = runs["text"].stdout.splitlines()[0]
+    assert runs["text"].returncode == 1
+    # wider_net has the same layer names; conv 0, its batch norm and conv 3 have other shapes.
+    assert first.startswith(
+        f"planned for different models: {TINY} and models_for_cli:wider_net (7 tensors differ in shape or dtype, "
+        f"0 only in {TINY}, 0 only in models_for_cli:wider_net); "
+    ), first
+    assert "  `0.weight`: float32[8,3,3,3] → float32[12,3,3,3]" in runs["markdown"].stdout.replace("- ", "  ")
+    assert runs["markdown"].stdout.startswith(f"**planned for different models**: {TINY} and models_for_cli:wider_net")
+    assert runs["same_name"].stdout.splitlines()[0] == (
+        f"planned for different models: both name {TINY}, but 1 tensor differs in shape or dtype, 0 only in {TINY}, "
+        f"0 only in {TINY}"
+    )
+    assert "  7.weight: float32[4,8] → float32[10,8]" in runs["same_name"].stdout
+
+
+def test_diff_groups_the_tensors_of_a_layer_that_keep_the_same_indices():
+    old, new = _many_layers(seed=1, blocks=2, width=16), _many_layers(seed=2, blocks=2, width=16)
+    new.layers["blocks.1.norm"].tensors["running_var"] = old.layers["blocks.1.norm"].tensors["running_var"]
+    lines = review.render_diff(review.diff_specs(old, new)).splitlines()
+    mine = [line.split(": ", 2)[1] for line in lines if line.startswith(("  blocks.0.", "  blocks.1."))]
+    assert mine == [
+        "weight axis 0",
+        "weight, bias, running_mean, running_var axis 0",
+        "weight axis 0",
+        "weight axis 1",
+        "input subselection",  # the second convolution gathers (see _many_layers)
+        "weight, bias, running_mean axis 0",  # running_var keeps what it kept
+    ]
 
 
 def test_diff_reports_a_reordering_apart_from_a_change(specs):
@@ -261,7 +355,7 @@ def test_git_diff_uses_prunespec_as_driver_and_textconv(specs, tmp_path):
 
     git("config", "diff.prunespec.command", f"{python} diff")
     driven = git("diff")
-    assert "0: weight axis 0 keeps 5 → 4, drops 5" in driven and "differ: 3 layers changed" in driven
+    assert "0: weight, bias axis 0: keeps 5 → 4, drops 5" in driven and "differ: 3 layers changed" in driven
 
     git("config", "--unset", "diff.prunespec.command")
     git("config", "diff.prunespec.textconv", f"{python} show")
