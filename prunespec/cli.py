@@ -435,22 +435,48 @@ FormatOption = Annotated[str, typer.Option("--format", "-f", metavar="FORMAT", h
 
 
 @app.command("show")
-def show_command(spec_path: SpecArgument, fmt: FormatOption = "text") -> None:
+def show_command(
+    spec_path: SpecArgument,
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", metavar="FORMAT", help="text, markdown, json or html.")
+    ] = "text",
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", metavar="FILE", help="Write to FILE instead of stdout.")
+    ] = None,
+) -> None:
     """Summarise SPEC: each touched layer's channels and sizes before -> after, its subselection, and totals.
+
+    --format html writes a self-contained page (inline CSS and SVG, nothing from the network) for a CI artifact:
+    a chart of each layer's channels and MACs before and after, the kept channels and why, the gathers and slices.
+    Example: prunespec show model.prunespec.json -f html -o report.html
 
     Also fit to be a git 'textconv' for *.prunespec.json files (see the README).
     """
     with _reporting_errors():
-        _check_format(fmt)
-        sys.stdout.write(review.render_show(prunespec.load_spec(spec_path), fmt))
+        if fmt not in review.SHOW_FORMATS:
+            raise CliError(f"--format {fmt!r}: use one of {', '.join(review.SHOW_FORMATS)}")
+        report = review.render_show(prunespec.load_spec(spec_path), fmt)
+        if output is None:
+            sys.stdout.write(report)
+            return
+        with atomic_path(output) as tmp:
+            tmp.write_text(report if report.endswith("\n") else report + "\n", encoding="utf-8")
+        typer.echo(f"wrote {output}", err=True)
 
 
 @app.command("diff")
 def diff_command(
     paths: Annotated[list[str], typer.Argument(metavar="OLD NEW", help="Two spec files.")],
     fmt: FormatOption = "text",
+    full: Annotated[
+        bool, typer.Option("--full", help="List every index and tensor, not the first runs of each and a count.")
+    ] = False,
 ) -> None:
     """Compare two specs by what they do to the model. Exit status 0: equal, 1: they differ, 2: trouble (as diff).
+
+    The first line is the verdict: same, differ, or planned for different models (and which).
+    Then the changed totals, and one line per changed layer and group of its tensors that keep the same indices.
+    Long index lists show their first runs and a count (--full: all). Markdown is cut to fit a GitHub comment.
 
     Run by git as an external diff driver (seven arguments), it prints the comparison and exits 0, as git expects.
     """
@@ -467,7 +493,7 @@ def diff_command(
             return
         result = review.diff_specs(prunespec.load_spec(old_path), prunespec.load_spec(new_path))
         shown = (paths[0], paths[0]) if from_git else (old_path, new_path)
-        sys.stdout.write(review.render_diff(result, fmt, shown))
+        sys.stdout.write(review.render_diff(result, fmt, shown, full=full))
     if not result.equal and not from_git:
         raise typer.Exit(1)
 

@@ -2,10 +2,12 @@
 
 Start with `layer_rows`: one `LayerRow` per touched module, with its channels and tensor sizes before and after,
 worked out from the spec's fingerprint (the shapes before) and its kept indices (the sizes after), and its MACs as
-the planner recorded them (since schema 1.1). `render_show` prints them as text, markdown or JSON. `diff_specs`
-compares two specs layer by layer and tensor axis by tensor axis, by the *sets* of original indices they keep, so a
-reordering alone is told apart from a change of channels; `render_diff` prints the result, with a one-line
-verdict. Nothing here needs the model, torch or the planner.
+the planner recorded them (since schema 1.1). `render_show` prints them as text, markdown or JSON (and hands HTML
+to `prunespec.report`). `diff_specs` compares two specs layer by layer and tensor axis by tensor axis, by the
+*sets* of original indices they keep, so a reordering alone is told apart from a change of channels; `render_diff`
+prints the result: the verdict first, then one line per group of a layer's tensors that keep the same indices,
+with long index lists cut to their first runs and a count, and markdown cut to fit a GitHub comment. Nothing here
+needs the model, torch or the planner.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from prunespec.schemas import LayerSpec, PruningSpec, decode_runs, encode_runs, parse_runs
 
 FORMATS = ("text", "markdown", "json")
+SHOW_FORMATS = (*FORMATS, "html")  # the page is made by prunespec.report
 
 
 @dataclass
@@ -118,23 +121,29 @@ def _channels(shape: list[int] | None, axes: list[str | None], axis: int | None)
     return shape[axis], _kept_count(axes[axis] if axis < len(axes) else None, shape[axis])
 
 
-def _arrow(pair: tuple[int, int] | None) -> str:
+def arrow(pair: tuple[int, int] | None) -> str:
+    """A count before → after, or one count when it did not change.
+
+    >>> arrow((64, 48)), arrow((8, 8)), arrow(None)
+    ('64 → 48', '8', '–')
+    """
     if pair is None:
         return "–"
     return f"{pair[0]:,}" if pair[0] == pair[1] else f"{pair[0]:,} → {pair[1]:,}"
 
 
-def _mode(spec: PruningSpec) -> str:
+def describe_mode(spec: PruningSpec) -> str:
+    """How the spec was planned: constrained or not, reordered or not, listed or zeroed channels."""
     request = spec.request
     mode = "constrained" if request.constrained else "unconstrained"
     mode += ", reordered" if request.reorder else ", not reordered"
     return mode + (", zeroed channels" if request.zeroed else ", requested channels")
 
 
-def _change(before: int, after: int) -> str:
+def relative_change(before: int, after: int) -> str:
     """Before → after with the relative change.
 
-    >>> _change(200, 150)
+    >>> relative_change(200, 150)
     '200 → 150 (-25.0%)'
     """
     percent = f" ({(after - before) / before * 100:+.1f}%)" if before else ""
@@ -151,8 +160,20 @@ def _table(head: list[str], body: list[list[str]], markdown: bool) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [head, *body]]
 
 
+def layer_table(rows: list[LayerRow]) -> tuple[list[str], list[list[str]]]:
+    """The head and body of the per-layer table `show` prints, as text cells."""
+    head = ["layer", "type", "inputs", "outputs", "tensor elements", "MACs", "subselection"]
+    body = [[r.name, r.type, arrow(r.inputs), arrow(r.outputs), arrow(r.elements), arrow(r.macs),
+             r.subselection or "–"] for r in rows]  # fmt: skip
+    return head, body
+
+
 def render_show(spec: PruningSpec, fmt: str = "text") -> str:
-    """The summary `prunespec show` prints, as text, markdown or JSON."""
+    """The summary `prunespec show` prints, as text, markdown, JSON or a self-contained HTML page."""
+    if fmt == "html":
+        from prunespec.report import render_html  # it imports this module
+
+        return render_html(spec)
     rows = layer_rows(spec)
     s = spec.summary
     notes = [PREDATES_LAYER_MACS] if predates_layer_macs(spec) else []
@@ -160,7 +181,7 @@ def render_show(spec: PruningSpec, fmt: str = "text") -> str:
         data = {
             "model": spec.model,
             "schema_version": spec.schema_version,
-            "mode": _mode(spec),
+            "mode": describe_mode(spec),
             "layers": [asdict(row) for row in rows],
             "summary": {k: getattr(s, k) for k in s.__struct_fields__},
             "kept": [
@@ -171,18 +192,16 @@ def render_show(spec: PruningSpec, fmt: str = "text") -> str:
         }
         return json.dumps(data, indent=2)
     markdown = fmt == "markdown"
-    head = ["layer", "type", "inputs", "outputs", "tensor elements", "MACs", "subselection"]
-    body = [[r.name, r.type, _arrow(r.inputs), _arrow(r.outputs), _arrow(r.elements), _arrow(r.macs),
-             r.subselection or "–"] for r in rows]  # fmt: skip
+    head, body = layer_table(rows)
     gathers = sum(r.subselection == "gather" for r in rows)
     slices = sum(r.subselection == "slice" for r in rows)
     lines = [
-        f"{'## ' if markdown else ''}{spec.model} (schema {spec.schema_version}, {_mode(spec)})",
+        f"{'## ' if markdown else ''}{spec.model} (schema {spec.schema_version}, {describe_mode(spec)})",
         "",
         *_table(head, body, markdown),
         "",
-        f"parameters: {_change(s.parameters_before, s.parameters_after)}",
-        f"MACs:       {_change(s.macs_before, s.macs_after)}",
+        f"parameters: {relative_change(s.parameters_before, s.parameters_after)}",
+        f"MACs:       {relative_change(s.macs_before, s.macs_after)}",
         (
             f"layers touched: {len(rows)}; activation subselections: {s.subselections} ({slices} slices, {gathers} "
             "gathers: a gather copies the activation at run time)"
@@ -201,11 +220,16 @@ def render_show(spec: PruningSpec, fmt: str = "text") -> str:
 # ---------------------------------------------------------------------------------------------- diff
 
 
+MARKDOWN_LIMIT = 65_536  # the most characters a GitHub comment holds
+SHOWN_RUNS = 12  # index runs (and tensors) a summarised list shows before "… and N more"
+
+
 @dataclass
 class AxisChange:
     """One tensor axis whose kept indices differ between the two specs."""
 
-    tensor: str
+    layer: str
+    tensor: str  # the layer's own name for it: "weight", "running_mean"
     axis: int
     kept: tuple[int, int]  # how many indices OLD and NEW keep
     dropped: list[int]  # original indices NEW removes that OLD kept
@@ -214,35 +238,54 @@ class AxisChange:
 
 
 @dataclass
+class TensorTypeChange:
+    """A tensor of the fingerprints that the two planned models do not share as it is (None: that model lacks it)."""
+
+    tensor: str
+    old: str | None
+    new: str | None
+
+
+@dataclass
 class SpecDiff:
     """Everything `diff` reports; `equal` when the two specs prune the same model the same way."""
 
-    same_model: bool
+    models: tuple[str, str]  # the model each spec names
+    fingerprint: list[TensorTypeChange] = field(default_factory=list)  # empty: planned for the same model
     added: list[str] = field(default_factory=list)  # layers only NEW touches
     removed: list[str] = field(default_factory=list)  # layers only OLD touches
-    changed: dict[str, list[str]] = field(default_factory=dict)  # layer -> what changed, in words
+    changed: list[str] = field(default_factory=list)  # layers both touch, differently; in model order
     axes: list[AxisChange] = field(default_factory=list)
+    other: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # layer -> (what, how): attributes, input
     summary: dict[str, tuple[int, int]] = field(default_factory=dict)  # summary field -> (old, new), when different
-    request_changed: bool = False
+    request: list[str] = field(default_factory=list)  # what differs in the request, in words
+
+    @property
+    def same_model(self) -> bool:
+        return not self.fingerprint
 
     @property
     def equal(self) -> bool:
-        return self.same_model and not (
-            self.added or self.removed or self.changed or self.summary or self.request_changed
-        )
+        return self.same_model and not (self.added or self.removed or self.changed or self.summary or self.request)
 
 
 def _runs_or_all(runs: str | None, size: int) -> list[int]:
     return list(range(size)) if runs is None else decode_runs(runs)
 
 
-def _compress(indices: list[int]) -> str:
-    """Indices as ascending runs for a message.
+def _indices(indices: list[int], cap: int | None = SHOWN_RUNS) -> str:
+    """Indices as ascending runs for a message; past `cap` runs, a count and the first `cap` (None: all of them).
 
-    >>> _compress([5, 1, 2, 3])
+    >>> _indices([5, 1, 2, 3])
     '1-3,5'
+    >>> _indices(list(range(0, 40, 2)), cap=3)
+    '20: 0,2,4 … and 17 more'
     """
-    return encode_runs(sorted(indices)) or "none"
+    runs = encode_runs(sorted(indices)).split(",") if indices else []
+    if cap is None or len(runs) <= cap:
+        return ",".join(runs) or "none"
+    shown = ",".join(runs[:cap])
+    return f"{len(indices)}: {shown} … and {len(indices) - _kept_count(shown, 0)} more"
 
 
 def diff_specs(old: PruningSpec, new: PruningSpec) -> SpecDiff:
@@ -254,49 +297,79 @@ def diff_specs(old: PruningSpec, new: PruningSpec) -> SpecDiff:
     ...         summary=Summary(0, 0, 0, 0, 0), fingerprint={"c.weight": "float32[8,4]"},
     ...         layers={"c": LayerSpec("Linear", {}, {"weight": [runs]})})
     >>> d = diff_specs(spec("0-5"), spec("0-3,6"))
-    >>> d.equal, d.axes[0].dropped, d.axes[0].restored
-    (False, [4, 5], [6])
+    >>> d.equal, d.changed, d.axes[0].dropped, d.axes[0].restored
+    (False, ['c'], [4, 5], [6])
     >>> diff_specs(spec("0-5"), spec("0-5")).equal
     True
     """
-    result = SpecDiff(same_model=old.fingerprint == new.fingerprint)
-    result.request_changed = old.request != new.request
+    result = SpecDiff(models=(old.model, new.model))
+    for name in dict.fromkeys([*old.fingerprint, *new.fingerprint]):
+        types = old.fingerprint.get(name), new.fingerprint.get(name)
+        if types[0] != types[1]:
+            result.fingerprint.append(TensorTypeChange(name, *types))
+    result.request = _request_changes(old, new)
     result.added = [name for name in new.layers if name not in old.layers]
     result.removed = [name for name in old.layers if name not in new.layers]
     for name in (n for n in new.layers if n in old.layers):
-        a, b = old.layers[name], new.layers[name]
-        words: list[str] = []
-        for local in dict.fromkeys([*a.tensors, *b.tensors]):
-            shape = _shape(new, _join(name, local)) or _shape(old, _join(name, local)) or []
-            axes_a, axes_b = a.tensors.get(local, []), b.tensors.get(local, [])
-            for axis, size in enumerate(shape):
-                runs_a = axes_a[axis] if axis < len(axes_a) else None
-                runs_b = axes_b[axis] if axis < len(axes_b) else None
-                if runs_a == runs_b:
-                    continue
-                kept_a, kept_b = _runs_or_all(runs_a, size), _runs_or_all(runs_b, size)
-                dropped = sorted(set(kept_a) - set(kept_b))
-                restored = sorted(set(kept_b) - set(kept_a))
-                reordered = not dropped and not restored
-                change = AxisChange(local, axis, (len(kept_a), len(kept_b)), dropped, restored, reordered)
-                result.axes.append(change)
-                what = "reordered" if change.reordered else f"keeps {len(kept_a)} → {len(kept_b)}"
-                if dropped:
-                    what += f", drops {_compress(dropped)}"
-                if restored:
-                    what += f", restores {_compress(restored)}"
-                words.append(f"{local} axis {axis} {what}")
-        if a.attributes != b.attributes:
-            words.append(f"attributes {a.attributes} → {b.attributes}")
-        if a.input != b.input:
-            words.append(f"input subselection {_subselection(a)} → {_subselection(b)}")
-        if words:
-            result.changed[name] = words
+        axes = _axis_changes(old, new, name)
+        other = _other_changes(old.layers[name], new.layers[name])
+        if axes or other:
+            result.changed.append(name)
+            result.axes += axes
+        if other:
+            result.other[name] = other
     for key in old.summary.__struct_fields__:
         before, after = getattr(old.summary, key), getattr(new.summary, key)
         if before != after:
             result.summary[key] = (before, after)
     return result
+
+
+def _axis_changes(old: PruningSpec, new: PruningSpec, name: str) -> list[AxisChange]:
+    """The tensor axes of layer `name` whose kept indices differ; shapes from NEW's fingerprint, else OLD's."""
+    a, b = old.layers[name], new.layers[name]
+    changes = []
+    for local in dict.fromkeys([*a.tensors, *b.tensors]):
+        axes_a, axes_b = a.tensors.get(local, []), b.tensors.get(local, [])
+        shape = _shape(new, _join(name, local)) or _shape(old, _join(name, local)) or []
+        for axis, size in enumerate(shape):
+            runs_a = axes_a[axis] if axis < len(axes_a) else None
+            runs_b = axes_b[axis] if axis < len(axes_b) else None
+            if runs_a == runs_b:
+                continue
+            kept_a, kept_b = _runs_or_all(runs_a, size), _runs_or_all(runs_b, size)
+            dropped = sorted(set(kept_a) - set(kept_b))
+            restored = sorted(set(kept_b) - set(kept_a))
+            reordered = not dropped and not restored
+            changes.append(AxisChange(name, local, axis, (len(kept_a), len(kept_b)), dropped, restored, reordered))
+    return changes
+
+
+def _other_changes(a: LayerSpec, b: LayerSpec) -> list[tuple[str, str]]:
+    """What else differs in a layer, as (what, how) pairs: its attributes and its input subselection."""
+    changes = []
+    if a.attributes != b.attributes:
+        keys = dict.fromkeys([*a.attributes, *b.attributes])
+        how = [f"{k} {a.attributes.get(k, '–')} → {b.attributes.get(k, '–')}" for k in keys
+               if a.attributes.get(k) != b.attributes.get(k)]  # fmt: skip
+        changes.append(("attributes", ", ".join(how)))
+    if a.input != b.input:
+        changes.append(("input subselection", f"{_subselection(a)} → {_subselection(b)}"))
+    return changes
+
+
+def _request_changes(old: PruningSpec, new: PruningSpec) -> list[str]:
+    """What differs between the two requests, in words: the export mode's flags and the tensors asked about."""
+    a, b = old.request, new.request
+    words = [f"{key} {getattr(a, key)} → {getattr(b, key)}" for key in ("constrained", "reorder", "zeroed")
+             if getattr(a, key) != getattr(b, key)]  # fmt: skip
+    for key in ("pruned_inputs", "pruned_outputs"):
+        asked_a = {r.tensor: r.channels for r in getattr(a, key)}
+        asked_b = {r.tensor: r.channels for r in getattr(b, key)}
+        differ = sum(asked_a.get(t) != asked_b.get(t) for t in asked_a.keys() | asked_b.keys())
+        if differ:
+            words.append(f"{key.replace('_', ' ')}: {differ} of {len(asked_a.keys() | asked_b.keys())} tensors differ")
+    return words
 
 
 def _subselection(layer: LayerSpec) -> str:
@@ -305,50 +378,136 @@ def _subselection(layer: LayerSpec) -> str:
     return f"{len(decode_runs(layer.input.indices))} of {layer.input.channels}"
 
 
+def _fingerprint_counts(d: SpecDiff) -> str:
+    """How the two fingerprints differ, in counts.
+
+    >>> d = SpecDiff(("a", "b"), [TensorTypeChange("x", "f32[2]", "f32[3]"), TensorTypeChange("y", None, "f32[1]")])
+    >>> _fingerprint_counts(d)
+    '1 tensor differs in shape or dtype, 0 only in a, 1 only in b'
+    """
+    both = sum(c.old is not None and c.new is not None for c in d.fingerprint)
+    only_old = sum(c.new is None for c in d.fingerprint)
+    only_new = sum(c.old is None for c in d.fingerprint)
+    tensors = "tensor differs" if both == 1 else "tensors differ"
+    return f"{both} {tensors} in shape or dtype, {only_old} only in {d.models[0]}, {only_new} only in {d.models[1]}"
+
+
 def verdict(d: SpecDiff) -> str:
-    """The one line that ends every diff."""
+    """The line that opens every diff: same, differ, or planned for different models (and which)."""
     if d.equal:
-        return "equal: both specs prune the model the same way"
+        return "same: both specs prune the model the same way"
+    if d.same_model:
+        lead = "differ"
+    elif d.models[0] == d.models[1]:
+        lead = f"planned for different models: both name {d.models[0]}, but {_fingerprint_counts(d)}"
+    else:
+        lead = f"planned for different models: {d.models[0]} and {d.models[1]} ({_fingerprint_counts(d)})"
     parts = []
-    if not d.same_model:
-        parts.append("planned for different models (fingerprints differ)")
     if d.changed or d.added or d.removed:
         parts.append(f"{len(d.changed)} layers changed, {len(d.added)} added, {len(d.removed)} removed")
     for key, label in (("parameters_after", "parameters"), ("macs_after", "MACs"), ("subselections", "subselections")):
         if key in d.summary:
             before, after = d.summary[key]
             parts.append(f"{label} {before:,} → {after:,} ({after - before:+,})")
-    if d.request_changed and not parts:
+    if d.request and not parts:
         parts.append("the request differs but the result is the same")
-    return "differ: " + "; ".join(parts)
+    if not parts:
+        return lead
+    return f"{lead}{': ' if d.same_model else '; '}{'; '.join(parts)}"
 
 
-def render_diff(d: SpecDiff, fmt: str = "text", names: tuple[str, str] = ("OLD", "NEW")) -> str:
-    """The report `prunespec diff` prints."""
+def _layer_changes(d: SpecDiff, cap: int | None) -> dict[str, list[tuple[str, str]]]:
+    """Per changed layer, (what, how) pairs: tensors that lose the same indices along the same axis share one.
+
+    >>> d = SpecDiff(("m", "m"), changed=["bn"], axes=[AxisChange("bn", t, 0, (8, 6), [1, 5], [], False)
+    ...     for t in ("weight", "bias")])
+    >>> _layer_changes(d, cap=None)
+    {'bn': [('weight, bias axis 0', 'keeps 8 → 6, drops 1,5')]}
+    """
+    groups: dict[str, dict[tuple, list[AxisChange]]] = {name: {} for name in d.changed}
+    for c in d.axes:
+        key = (c.axis, c.kept, tuple(c.dropped), tuple(c.restored), c.reordered)
+        groups[c.layer].setdefault(key, []).append(c)
+    result = {}
+    for name, by_change in groups.items():
+        pairs = []
+        for same in by_change.values():
+            c = same[0]
+            how = f"reordered, keeps {c.kept[1]}" if c.reordered else f"keeps {c.kept[0]} → {c.kept[1]}"
+            if c.dropped:
+                how += f", drops {_indices(c.dropped, cap)}"
+            if c.restored:
+                how += f", restores {_indices(c.restored, cap)}"
+            pairs.append((f"{', '.join(x.tensor for x in same)} axis {c.axis}", how))
+        result[name] = pairs + d.other.get(name, [])
+    return result
+
+
+def render_diff(d: SpecDiff, fmt: str = "text", names: tuple[str, str] = ("OLD", "NEW"), full: bool = False) -> str:
+    """The report `prunespec diff` prints: the verdict first, then what differs, layer by layer.
+
+    Long index lists show their first runs and a count, unless `full`. Markdown stays under `MARKDOWN_LIMIT`
+    characters (a GitHub comment) even when `full`: what does not fit is cut, with a note that says how to get it.
+    JSON is always complete.
+    """
     if fmt == "json":
-        data = asdict(d) | {"equal": d.equal, "verdict": verdict(d)}
+        data = asdict(d) | {"same_model": d.same_model, "equal": d.equal, "verdict": verdict(d)}
         return json.dumps(data, indent=2)
     markdown = fmt == "markdown"
-    lines = [f"{'### ' if markdown else ''}prunespec diff {names[0]} → {names[1]}", ""]
-    bullet = "- " if markdown else "  "
-    for title, items in (("layers added", d.added), ("layers removed", d.removed)):
-        if items:
-            lines += [f"{title}:", *(f"{bullet}{_code(n, markdown)}" for n in items), ""]
-    if d.changed:
-        lines.append("layers changed:")
-        for name, words in d.changed.items():
-            lines.append(f"{bullet}{_code(name, markdown)}: {'; '.join(words)}")
-        lines.append("")
-    for key, (before, after) in d.summary.items():
-        lines.append(f"{key}: {_change(before, after)}")
+    cap = None if full else SHOWN_RUNS
+    code = (lambda name: f"`{name}`") if markdown else (lambda name: name)
+    first, _, rest = verdict(d).partition(": ")
+    lines = [f"**{first}**{': ' + rest if rest else ''}", ""] if markdown else [verdict(d)]
+    lines += [f"prunespec diff {code(names[0])} → {code(names[1])}", ""]
+    blocks: list[tuple[str, list[str]]] = []
     if d.summary:
-        lines.append("")
-    lines.append(f"{'**' if markdown else ''}{verdict(d)}{'**' if markdown else ''}")
-    return "\n".join(lines) + "\n"
+        blocks.append(("summary", [f"{key}: {relative_change(*pair)}" for key, pair in d.summary.items()]))
+    if d.request:
+        blocks.append(("request", d.request))
+    if d.fingerprint:
+        shown = d.fingerprint if cap is None else d.fingerprint[:cap]
+        items = [f"{code(c.tensor)}: {c.old or 'absent'} → {c.new or 'absent'}" for c in shown]
+        if len(shown) < len(d.fingerprint):
+            items.append(f"… and {len(d.fingerprint) - len(shown)} more (--full lists them)")
+        blocks.append((f"fingerprints ({len(d.fingerprint)} tensors differ)", items))
+    for title, layers in (("layers added", d.added), ("layers removed", d.removed)):
+        if layers:
+            blocks.append((f"{title} ({len(layers)})", [code(name) for name in layers]))
+    for title, items in blocks:
+        lines += [f"{title}:", *(f"{'- ' if markdown else '  '}{item}" for item in items), ""]
+    changes = _layer_changes(d, cap)
+    if changes:
+        lines.append(f"layers changed ({len(changes)}):")
+        if markdown:
+            lines += ["", "| layer | tensors | change |", "|---|---|---|"]
+            for name, pairs in changes.items():
+                for i, (what, how) in enumerate(pairs):
+                    row = [code(name) if i == 0 else "", what, how]
+                    lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+        else:
+            lines += [f"  {name}: {what}: {how}" for name, pairs in changes.items() for what, how in pairs]
+    text = "\n".join(lines).rstrip("\n") + "\n"
+    return _fit(text, names) if markdown else text
 
 
-def _code(name: str, markdown: bool) -> str:
-    return f"`{name}`" if markdown else name
+def _fit(markdown: str, names: tuple[str, str]) -> str:
+    """`markdown` cut at a line to stay under MARKDOWN_LIMIT characters, with a note on how to get the rest."""
+    if len(markdown) < MARKDOWN_LIMIT:
+        return markdown
+    lines = markdown.splitlines()
+    old, new = names if names[0] != names[1] else ("OLD", "NEW")
+    note = (
+        f"*Cut to fit a GitHub comment ({MARKDOWN_LIMIT:,} characters): {{}} more lines not shown. "
+        f"`prunespec diff --full {old} {new}` prints all of it as text; `--format json` gives it as data.*"
+    )
+    room = MARKDOWN_LIMIT - len(note) - 40  # the count of lines and the blank line before the note
+    kept = 0
+    for line in lines:
+        room -= len(line) + 1
+        if room < 0:
+            break
+        kept += 1
+    return "\n".join([*lines[:kept], "", note.format(f"{len(lines) - kept:,}")]) + "\n"
 
 
 def git_diff_arguments(paths: list[str]) -> tuple[str, str] | None:
