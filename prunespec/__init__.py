@@ -50,7 +50,8 @@ def plan(model, example_inputs, pruned_inputs=None, pruned_outputs=None, **optio
 
 
 def select(model, example_inputs, criterion="l2", amount=0.3, side="input", scope="local", **options):
-    """Choose the least important channels by `criterion`; returns ``(pruned_inputs, pruned_outputs)`` for `plan`.
+    """Choose the least important channels (or heads) by `criterion`, as a `Selection`: pass
+    ``**selection.requests()`` to `plan`.
 
     See `prunespec.planner.select.select` for the arguments. The model's weights are left as they were.
     """

@@ -51,16 +51,30 @@ class Group:
 
 @dataclass
 class Selection:
-    """What `select` chose, in the form `plan` takes; unpacks as ``pruned_inputs, pruned_outputs``."""
+    """What `select` chose, in the form `plan` takes: ``plan(model, inputs, **selection.requests())``.
+
+    It also unpacks as ``pruned_inputs, pruned_outputs``, the channels alone.
+    """
 
     pruned_inputs: Pairs
     pruned_outputs: Pairs
     amount: float
     notes: list[str] = field(default_factory=list)
     spec: PruningSpec | None = None  # planned while searching a budget: the spec of this choice
+    pruned_heads: Pairs = field(default_factory=list)
+    pruned_kv_heads: Pairs = field(default_factory=list)
 
     def __iter__(self):
         return iter((self.pruned_inputs, self.pruned_outputs))
+
+    def requests(self) -> dict[str, Pairs]:
+        """The keyword arguments of `plan` that name what was chosen."""
+        return {
+            "pruned_inputs": self.pruned_inputs,
+            "pruned_outputs": self.pruned_outputs,
+            "pruned_heads": self.pruned_heads,
+            "pruned_kv_heads": self.pruned_kv_heads,
+        }
 
 
 def select(
@@ -81,8 +95,9 @@ def select(
     calibration: Iterable | None = None,
     progress: Callable[[list], Iterable] | None = None,
     seed: int = 0,
+    unit: str = "channels",
 ) -> Selection:
-    """Choose the least important channels of `model`; returns ``(pruned_inputs, pruned_outputs)`` for `plan`.
+    """Choose the least important channels (or heads) of `model`, as a `Selection` of requests for `plan`.
 
     Args:
         criterion: a name in `criteria.CRITERIA`: l1, l2, fpgm, lamp (global scope only), hrank or random.
@@ -99,6 +114,10 @@ def select(
         calibration: input batches for hrank (each a tensor or a tuple of tensors); default `example_inputs`.
         progress: wraps the list of calibration batches, e.g. in a progress bar.
         seed: seed of the random criterion.
+        unit: "channels", or "heads" / "kv_heads" to choose whole attention heads or key/value heads, which
+            `amount`, `scope` and `round_to` then count (see `units.HeadChoice`; `side` does not apply). The
+            criteria l1, l2, fpgm and lamp score a head's weights; "output" its contribution to the output
+            projection on the calibration inputs.
 
     The model's weights, modes and hooks are left as they were.
 
@@ -109,9 +128,24 @@ def select(
     [('1.weight', 1), ('1.weight', 0)]
     """
     inputs = [example_inputs] if isinstance(example_inputs, torch.Tensor) else list(example_inputs)
-    _check_arguments(criterion, amount, side, scope, round_to, target_macs, target_params)
+    _check_arguments(criterion, amount, side, scope, round_to, target_macs, target_params, unit)
     graph = trace(model, inputs)
     notes: list[str] = []
+    target = target_macs if target_macs is not None else target_params
+    measure = "MACs" if target_macs is not None else "parameters"
+    if unit != "channels":
+        from prunespec.planner.units import HeadChoice
+
+        heads = HeadChoice(model, graph, unit, criterion, scope, round_to, exclude, calibration or [inputs], progress,
+                           seed, notes)  # fmt: skip
+        field_name = "pruned_heads" if unit == "heads" else "pruned_kv_heads"
+
+        def chosen_heads(a: float) -> Selection:
+            return Selection([], [], a, notes, **{field_name: heads.pick(a)})
+
+        if target is None:
+            return chosen_heads(amount)
+        return _search(model, inputs, chosen_heads, target, measure, constrained, reorder)
     groups = _input_groups(graph, notes) if side == "input" else _output_groups(graph)
     groups = _without_excluded(groups, graph, list(exclude), include_io, notes)
     rule = CRITERIA[criterion]
@@ -126,10 +160,8 @@ def select(
         on_output = chosen if side == "output" else []
         return Selection(_union(on_input, extra[0]), _union(on_output, extra[1]), a, notes)
 
-    target = target_macs if target_macs is not None else target_params
     if target is None:
         return selection(amount)
-    measure = "MACs" if target_macs is not None else "parameters"
     return _search(model, inputs, selection, target, measure, constrained, reorder)
 
 
@@ -434,7 +466,7 @@ def _search(model, inputs, selection, target: float, measure: str, constrained: 
 
     def planned(a: float) -> tuple[Selection, float]:
         chosen = selection(a)
-        spec = plan(model, inputs, *chosen, constrained=constrained, reorder=reorder)
+        spec = plan(model, inputs, **chosen.requests(), constrained=constrained, reorder=reorder)
         s = spec.summary
         before, after = (
             (s.macs_before, s.macs_after) if measure == "MACs" else (s.parameters_before, s.parameters_after)
@@ -474,14 +506,19 @@ def _search(model, inputs, selection, target: float, measure: str, constrained: 
     return best
 
 
-def _check_arguments(criterion, amount, side, scope, round_to, target_macs, target_params) -> None:
-    if criterion not in CRITERIA:
-        raise PlanError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
+def _check_arguments(criterion, amount, side, scope, round_to, target_macs, target_params, unit) -> None:
+    from prunespec.planner.units import HEAD_CRITERIA, UNITS
+
+    if unit not in UNITS:
+        raise PlanError(f"unit {unit!r}: use one of {', '.join(UNITS)}")
+    known = CRITERIA if unit == "channels" else HEAD_CRITERIA
+    if criterion not in known:
+        raise PlanError(f"criterion {criterion!r} does not choose {unit}; use one of {', '.join(known)}")
     if side not in SIDES:
         raise PlanError(f"side {side!r}: use 'input' (per consumer) or 'output' (per segment of producers)")
     if scope not in SCOPES:
         raise PlanError(f"scope {scope!r}: use 'local' (per layer) or 'global' (ranked across layers)")
-    if CRITERIA[criterion].global_only and scope != "global":
+    if criterion in CRITERIA and CRITERIA[criterion].global_only and scope != "global":
         raise PlanError(
             f"{criterion} ranks channels across layers; layer by layer it picks the same channels as l2: "
             "use the global scope (--scope global), or criterion l2"
