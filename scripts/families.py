@@ -61,18 +61,18 @@ def _bert():
     import transformers
 
     config = transformers.BertConfig(vocab_size=VOCABULARY, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
-                                     intermediate_size=96, max_position_embeddings=64)  # fmt: skip
+                                     intermediate_size=96, max_position_embeddings=64, num_labels=3)  # fmt: skip
     torch.manual_seed(0)
-    return transformers.BertModel(config).eval().double(), _ids()
+    return transformers.BertForSequenceClassification(config).eval().double(), _ids()
 
 
 def _hf_vit():
     import transformers
 
     config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, intermediate_size=96,
-                                    image_size=32, patch_size=8)  # fmt: skip
+                                    image_size=32, patch_size=8, num_labels=3)  # fmt: skip
     torch.manual_seed(0)
-    return transformers.ViTModel(config).eval().double(), [_image(32)]
+    return transformers.ViTForImageClassification(config).eval().double(), [_image(32)]
 
 
 def _image(size: int, batch: int = 1) -> torch.Tensor:
@@ -84,7 +84,7 @@ def _timm(name: str, size: int = 224, **options):
         import timm
 
         torch.manual_seed(0)
-        return timm.create_model(name, pretrained=False, **options).eval().double(), [_image(size)]
+        return timm.create_model(name, pretrained=False, num_classes=10, **options).eval().double(), [_image(size)]
 
     return build
 

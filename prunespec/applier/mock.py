@@ -7,18 +7,21 @@ zero. Removing a channel and zeroing all the weights that produce or read it giv
     prune(copy.deepcopy(model), spec)(x) == mock(model, spec)(x)    (up to summation order)
 
 Only which indices are kept matters here: reordering and activation subselections change where channels sit in
-memory, not what the network computes.
+memory, not what the network computes. The one exception is a norm pruned through (planned with `through_norms`):
+it takes its statistics over the channels it keeps, which zeros cannot emulate, so the mock runs it on those
+channels alone (`NormEmulation`).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import nn
 
-from prunespec.applier.validate import check
-from prunespec.schemas import PruningSpec
+from prunespec.applier.validate import LayerChange, check
+from prunespec.schemas import NormChange, PruningSpec, decode_runs
 
 
 def mock(model: nn.Module, spec: PruningSpec) -> MockPrunedModel:
@@ -37,13 +40,55 @@ def mock(model: nn.Module, spec: PruningSpec) -> MockPrunedModel:
     """
     changes = check(model, spec)
     masks: dict[str, torch.Tensor] = {}
+    norms = []
     for change in changes:
         module_tensors = {**change.module._parameters, **change.module._buffers}
         for name, axes in change.kept.items():
             mask = _mask(module_tensors[name].shape, axes)
             if mask is not None:
                 masks[f"{change.name}.{name}" if change.name else name] = mask
-    return MockPrunedModel(model, spec, masks)
+        normalises = spec.layers[change.name].normalises
+        if normalises is not None:
+            norms.append(NormEmulation(change, normalises))
+    # A tensor that modules share (tied embeddings) is masked once, under its first name: functional_call ties the
+    # others to it, and refuses two values for one tensor.
+    named = _named_tensors(model)
+    first: dict[int, str] = {}
+    for name, tensor in named.items():
+        first.setdefault(id(tensor), name)
+    masks = {name: mask for name, mask in masks.items() if first[id(named[name])] == name}
+    return MockPrunedModel(model, spec, masks, norms)
+
+
+class NormEmulation:
+    """A norm pruned through (`LayerSpec.normalises`), as the pruned model runs it: on the kept channels alone.
+
+    Called as a forward hook of the norm, it runs a copy of the norm with the pruned attributes on the kept
+    channels of the norm's input and with the kept entries of its (masked) tensors, and puts the result back at
+    the kept channels of a zero output.
+    """
+
+    def __init__(self, change: LayerChange, normalises: NormChange) -> None:
+        self.name = change.name
+        self.input_axis, self.output_axis = normalises.input_axis, normalises.output_axis
+        self.kept = torch.tensor(decode_runs(normalises.kept), dtype=torch.long)
+        self.axes = change.kept  # tensor name -> kept indices per axis
+        self.pruned = copy.deepcopy(change.module)
+        change.rule.set_attributes(self.pruned, change.attributes)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x, *rest = args
+        kept = self.kept.to(x.device)
+        tensors = {}
+        for name in (*module._parameters, *module._buffers):
+            tensor = getattr(module, name)  # inside `functional_call`: the masked tensor
+            if tensor is not None:
+                for axis, indices in enumerate(self.axes.get(name, [])):
+                    if indices is not None:
+                        tensor = tensor.index_select(axis, indices.to(tensor.device))
+                tensors[name] = tensor
+        y = torch.func.functional_call(self.pruned, tensors, (x.index_select(self.input_axis, kept), *rest), kwargs)
+        return torch.zeros_like(output).index_copy(self.output_axis, kept, y)
 
 
 class MockPrunedModel(nn.Module):
@@ -53,10 +98,13 @@ class MockPrunedModel(nn.Module):
     `.to(device)` moves the masks too.
     """
 
-    def __init__(self, model: nn.Module, spec: PruningSpec, masks: dict[str, torch.Tensor]):
+    def __init__(
+        self, model: nn.Module, spec: PruningSpec, masks: dict[str, torch.Tensor], norms: list[NormEmulation] = ()
+    ):
         super().__init__()
         self.model = model
         self.spec = spec
+        self._norms = list(norms)  # not submodules: the mock's state_dict is the model's
         # Buffer names cannot hold dots, so masks are numbered buffers and `_masked` maps each tensor to one.
         # Non-persistent: the mock's state_dict is the model's. Bool: a float model never casts them.
         self._masked: dict[str, str] = {}
@@ -72,7 +120,13 @@ class MockPrunedModel(nn.Module):
             # `where` rather than multiplying by zero: a pruned entry that is inf or nan must vanish as it does
             # from the pruned model. Gradients still reach the kept entries of the original tensor.
             masked[key] = torch.where(getattr(self, buffer).to(tensor.device), tensor, 0)
-        return torch.func.functional_call(self.model, masked, args, kwargs)
+        modules = dict(self.model.named_modules())
+        hooks = [modules[n.name].register_forward_hook(n, with_kwargs=True) for n in self._norms]
+        try:
+            return torch.func.functional_call(self.model, masked, args, kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

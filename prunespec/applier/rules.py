@@ -49,6 +49,11 @@ class Rule:
         """How many input channels the pruned module reads (the length a subselection must have)."""
         raise NotImplementedError(f"{type(self).__name__} takes no input subselection")
 
+    def renormalised(self, module: nn.Module, channels: int) -> dict[str, int]:
+        """The attributes of a norm that takes its statistics over `channels` channels after pruning (see
+        `LayerSpec.normalises`); a norm that keeps no such attribute (an RMS norm written in Python) needs none."""
+        return {}
+
     def fills_input(self, module: nn.Module) -> bool:
         """Whether the module's weight axis 1 holds its input channels one to one, so that zero columns there can
         stand in for an input subselection (see `layout`)."""
@@ -174,6 +179,57 @@ class BatchNormRule(PerChannelNormRule):
     """Batch norms: in eval mode a fixed per-channel scale and shift, which can be folded into the layer before."""
 
     folds = True
+
+
+class LayerNormRule(Rule):
+    """nn.LayerNorm and nn.RMSNorm over the channels: `normalized_shape` (one axis, written as its size) and the
+    per-channel weight and bias follow the channels it keeps, over which the pruned norm takes its statistics."""
+
+    attributes = frozenset({"normalized_shape"})
+
+    def check(self, attributes, tensors):
+        size = attributes["normalized_shape"]
+        if not isinstance(size, int):
+            if len(size) != 1:
+                return f"attribute 'normalized_shape' is {tuple(size)}: only a norm over one axis can be pruned"
+            size = size[0]
+        for name in ("weight", "bias"):
+            problem = _sized(name, tensors, size, "normalized_shape")
+            if problem:
+                return problem
+        return None
+
+    def derive(self, module, shapes):
+        return {"normalized_shape": shapes["weight"][0]} if "weight" in shapes else {}
+
+    def renormalised(self, module: nn.Module, channels: int) -> dict[str, int]:
+        return {"normalized_shape": channels}
+
+    def set_attributes(self, module, attributes):
+        for name, value in attributes.items():
+            setattr(module, name, (value,) if name == "normalized_shape" else value)
+
+
+class GroupNormRule(Rule):
+    """nn.GroupNorm: whole groups are pruned, so the pruned norm has fewer groups of the same size."""
+
+    attributes = frozenset({"num_groups", "num_channels"})
+
+    def check(self, attributes, tensors):
+        groups, channels = attributes["num_groups"], attributes["num_channels"]
+        if groups < 1 or channels % groups:
+            return f"attribute 'num_channels' is {channels}, which is not divisible by num_groups={groups}"
+        for name in ("weight", "bias"):
+            problem = _sized(name, tensors, channels, "num_channels")
+            if problem:
+                return problem
+        return None
+
+    def derive(self, module, shapes):
+        if "weight" not in shapes:
+            return {}
+        channels = shapes["weight"][0]
+        return {"num_channels": channels, "num_groups": channels // (module.num_channels // module.num_groups)}
 
 
 class PReLURule(Rule):
@@ -333,4 +389,7 @@ for _norm in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
     register(_norm, PerChannelNormRule())
 register(nn.PReLU, PReLURule())
 register(nn.MultiheadAttention, MultiheadAttentionRule())
+register(nn.LayerNorm, LayerNormRule())
+register(nn.RMSNorm, LayerNormRule())
+register(nn.GroupNorm, GroupNormRule())
 register("transformers.pytorch_utils.Conv1D", MatrixRule())

@@ -14,7 +14,7 @@ import torch
 
 from prunespec.errors import PlanError, nearest
 from prunespec.planner.compile import channel_requests, compile_spec
-from prunespec.planner.graph import ChannelGraph, Heads
+from prunespec.planner.graph import ChannelGraph, Heads, Renorm
 from prunespec.planner.reorder import Layout
 from prunespec.planner.resolve import Units, resolve
 from prunespec.planner.trace import trace
@@ -34,6 +34,7 @@ def plan(
     strict: bool = False,
     pruned_heads: Channels | None = None,
     pruned_kv_heads: Channels | None = None,
+    through_norms: bool = False,
 ) -> PruningSpec:
     """Compile "remove these channels" into a spec for `model`.
 
@@ -51,6 +52,11 @@ def plan(
             or removes more (constrained), and says so in `spec.kept`.
         pruned_kv_heads: ``(attention module name, key/value head)`` pairs; the key/value head goes with its
             whole group of query heads.
+        through_norms: let channels that a norm normalises together go (the hidden width of a transformer, the
+            residual stream of a ConvNeXt): the pruned norm then takes its statistics over the channels it keeps,
+            which changes what it computes, so it is asked for explicitly. The mock emulates it, so the pruned
+            model still equals the mock exactly. Norms are recognised from the data flow: a module without layers
+            that takes a statistic over its channels (`layer_norm`, `rms_norm`, or a mean of squares written out).
 
     With no channels and no heads named, the channels whose weights are all zero are pruned.
 
@@ -60,7 +66,7 @@ def plan(
     ({'weight': ['0-4,6-7'], 'bias': ['0-4,6-7']}, {'weight': [None, '0-4,6-7']})
     """
     inputs = [example_inputs] if isinstance(example_inputs, torch.Tensor) else list(example_inputs)
-    graph = trace(model, inputs)
+    graph = trace(model, inputs, through_norms=through_norms)
     zeroed = pruned_inputs is None and pruned_outputs is None and pruned_heads is None and pruned_kv_heads is None
     units = head_requests(graph, pruned_heads or [], pruned_kv_heads or [])
     if zeroed:
@@ -76,6 +82,7 @@ def plan(
         zeroed=zeroed,
         pruned_heads=unit_requests(units, "heads"),
         pruned_kv_heads=unit_requests(units, "key_value_heads"),
+        through_norms=through_norms,
     )
 
     def compiled() -> tuple[PruningSpec, set[int]]:
@@ -86,15 +93,15 @@ def plan(
     spec, dropped = compiled()
     # Heads are followed on trust too: the applier sets the head counts the planner found in attributes, and the
     # pruned model is compared with the mock; if they differ the heads stay.
-    checks = graph.suspects + [heads_check(h) for h in graph.heads]
+    checks = graph.suspects + [heads_check(h) for h in graph.heads] + [norm_check(n) for n in graph.renorms]
     for _ in checks:  # each round keeps the channels of at least one suspect, so this ends
         at_stake = [s for s in checks if any(graph.slots.find(slot) in dropped for slot in s.slots)]
         kept = lambda slot: graph.slots.find(slot) not in dropped  # noqa: E731
-        culprits = suspects_to_pin(model, inputs, spec, at_stake, kept) if at_stake else []
+        culprits, failure = suspects_to_pin(model, inputs, spec, at_stake, kept) if at_stake else ([], None)
         if not culprits:
             break
         for suspect in culprits:
-            graph.slots.pin(suspect.slots, suspect.reason)
+            graph.slots.pin(suspect.slots, failure or suspect.reason)
         spec, dropped = compiled()
     if strict and spec.kept:
         first = spec.kept[0]
@@ -139,6 +146,12 @@ def heads_check(heads: Heads) -> Suspect:
     """A suspect that stands for an attention's heads: kept when the pruned model differs from its mock."""
     why = f"pruning heads of {heads.module} changes what its forward computes (a head count the applier cannot set?)"
     return Suspect("", -1, 0, 0, heads.query, why)
+
+
+def norm_check(renorm: Renorm) -> Suspect:
+    """A suspect that stands for a norm pruned through: kept when the pruned model differs from its mock."""
+    why = f"is normalised by {renorm.module}, which does not run the same on fewer channels"
+    return Suspect("", -1, 0, 0, renorm.slots, why)
 
 
 def _requests(pairs: Channels, sizes: dict[str, int], side: str) -> dict[str, set[int]]:

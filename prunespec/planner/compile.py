@@ -23,6 +23,7 @@ from prunespec.planner.resolve import Resolution
 from prunespec.schemas import (
     ChannelRequest,
     HeadCounts,
+    NormChange,
     InputInfo,
     KeptChannels,
     LayerSpec,
@@ -77,7 +78,8 @@ def compile_spec(
     new_shapes = {name: _shape(tensors[name], axes) for name, axes in kept.items()}
     macs = _macs(graph, tensors, new_shapes)
     heads = _head_counts(graph, resolution)
-    layers = _layers(model, tensors, kept, new_shapes, gathers, activations, macs, heads)
+    norms = _norm_changes(graph, layout)
+    layers = _layers(model, tensors, kept, new_shapes, gathers, activations, macs, heads, norms)
     return PruningSpec(
         model=type(model).__name__,
         inputs=[InputInfo(list(x.shape), _dtype(x)) for x in inputs],
@@ -104,6 +106,17 @@ def _head_counts(graph: ChannelGraph, resolution: Resolution) -> dict[str, HeadC
     return counts
 
 
+def _norm_changes(graph: ChannelGraph, layout: Layout) -> dict[str, NormChange]:
+    """The norms that take their statistics over fewer channels after pruning, by module name."""
+    changes = {}
+    for renorm in graph.renorms:
+        kept = layout.positions(renorm.slots)
+        if len(kept) < len(renorm.slots):
+            channels = (len(renorm.slots), len(kept))
+            changes[renorm.module] = NormChange(renorm.input_axis, renorm.output_axis, channels, encode_runs(kept))
+    return changes
+
+
 def _head_attributes(module: torch.nn.Module, counts: HeadCounts) -> dict[str, int]:
     """The new values of the head-count attributes `module` has (see `rules.HEAD_ATTRIBUTES`)."""
     (query, new_query), (key_value, new_key_value) = counts.query, counts.key_value
@@ -115,7 +128,7 @@ def _head_attributes(module: torch.nn.Module, counts: HeadCounts) -> dict[str, i
     return found
 
 
-def _layers(model, tensors, kept, new_shapes, gathers, activations, macs, heads) -> dict[str, LayerSpec]:
+def _layers(model, tensors, kept, new_shapes, gathers, activations, macs, heads, norms) -> dict[str, LayerSpec]:
     """One LayerSpec per touched module, in `named_modules()` order; untouched axes are left out.
 
     A module takes `input_activation_channels` only where the applier has a rule for its input (convolutions and
@@ -141,12 +154,14 @@ def _layers(model, tensors, kept, new_shapes, gathers, activations, macs, heads)
             touched[_module_of(name)][name.rpartition(".")[2]] = runs
     layers = {}
     for module_name, module in model.named_modules():
-        if module_name not in touched and module_name not in gathers and module_name not in heads:
+        if not any(module_name in found for found in (touched, gathers, heads, norms)):
             continue
         own = {local: new_shapes.get(_join(module_name, local), tuple(t.shape)) for local, t in _own(module)}
         rule = rule_for(module)
         runs = touched.get(module_name, {})
         attributes = rule.derive(module, own) if own else {}
+        if module_name in norms:
+            attributes = {**rule.renormalised(module, norms[module_name].channels[1]), **attributes}
         if module_name in heads:
             attributes.update((k, v) for k, v in _head_attributes(module, heads[module_name]).items()
                               if k not in rule.attributes)  # fmt: skip
@@ -154,6 +169,7 @@ def _layers(model, tensors, kept, new_shapes, gathers, activations, macs, heads)
             type=type(module).__name__,
             attributes=attributes,
             heads=heads.get(module_name),
+            normalises=norms.get(module_name),
             tensors={local: runs[local] for local in own if local in runs},  # in the module's own order
             input=gathers.get(module_name),
             input_activation_channels=activations.get(module_name) if rule.input_axis is not None else None,

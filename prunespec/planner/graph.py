@@ -191,6 +191,18 @@ class Heads:
 
 
 @dataclass
+class Renorm:
+    """A norm module (`module`) whose statistics are taken over the channels `slots`, which it reads on
+    `input_axis` and writes on `output_axis` (negative: counted from the last axis). Pruned through, it
+    normalises over the channels it keeps (planned only with ``through_norms``)."""
+
+    module: str
+    input_axis: int
+    output_axis: int
+    slots: list[int]
+
+
+@dataclass
 class Producer:
     """An op that creates channels: its weight's output axis runs along new slots."""
 
@@ -251,5 +263,6 @@ class ChannelGraph:
     folds: list[Fold] = field(default_factory=list)
     repeats: list[Repeat] = field(default_factory=list)
     heads: list[Heads] = field(default_factory=list)
+    renorms: list[Renorm] = field(default_factory=list)
     # Names of tensors that several modules share -> the first name (`model.named_parameters()` order).
     aliases: dict[str, str] = field(default_factory=dict)

@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves
 
 from prunespec.applier.rules import rule_for, runs_own_forward
 from prunespec.planner import ops
-from prunespec.planner.graph import Binding, ChannelGraph, ChannelMap, Fold, SplitMap
+from prunespec.planner.graph import Binding, ChannelGraph, ChannelMap, Fold, Renorm, SplitMap
 from prunespec.planner.meta import made_output
 
 OUTPUT = "reaches the model output"
@@ -34,6 +34,12 @@ UNLABELLED = "comes from a model input or a tensor made in forward"
 # The arguments besides tensors that `_signature` compares by value (and type: True, 1 and 1.0 differ); bool is an int.
 PLAIN = (int, float, str, type(None), type(Ellipsis), torch.dtype, torch.device, torch.layout, torch.memory_format)
 
+# Ops whose output shows a parameter's entries, moved or broadcast: see `Tracer.tensor_of`.
+VIEWS = {
+    "expand", "expand_as", "broadcast_to", "unsqueeze", "squeeze", "permute", "transpose", "view", "reshape", "to",
+    "type_as", "contiguous", "clone", "float", "double", "half", "bfloat16",
+}  # fmt: skip
+
 # Reading these tells nothing about a tensor's values, so it does not count as a reader of a layer's output.
 METADATA = {"shape", "dtype", "device", "ndim", "is_meta", "layout", "requires_grad", "size", "dim", "numel"}
 
@@ -41,8 +47,11 @@ METADATA = {"shape", "dtype", "device", "ndim", "is_meta", "layout", "requires_g
 class Tracer(TorchFunctionMode):
     """Labels every tensor the model computes with a `ChannelMap`, and fills a `ChannelGraph`."""
 
-    def __init__(self, model: torch.nn.Module, twins: dict[str, torch.Tensor] | None = None) -> None:
-        """`twins`: the tensors the model runs with instead of its own, by name (see `_meta_twins`)."""
+    def __init__(
+        self, model: torch.nn.Module, twins: dict[str, torch.Tensor] | None = None, through_norms: bool = False
+    ) -> None:
+        """`twins`: the tensors the model runs with instead of its own, by name (see `_meta_twins`).
+        `through_norms`: follow channels through norms over channels (see `couple`)."""
         super().__init__()
         self.graph = ChannelGraph()
         self.slots = self.graph.slots
@@ -63,10 +72,12 @@ class Tracer(TorchFunctionMode):
         # id of a split's slot list -> (the list, (sizes, unit dimension), one slot per unit): see `ops.splits`
         self.decisions: dict[int, tuple[list[int], tuple, list[int]]] = {}
         self._joined: dict[int, tuple[torch.Tensor, list[tuple[str, int]]]] = {}  # see `join_tensors`
+        self._views: dict[int, tuple[torch.Tensor, tuple]] = {}  # see `tensor_of`
         # The modules whose forward is running, innermost last, with the tensor each was called with.
         self.modules = dict(model.named_modules())
         self._module_names = {id(m): name for name, m in self.modules.items()}
-        self._running: list[tuple[str | None, object]] = []
+        self._running: list[list] = []  # [name, input, layers recorded before it began, couplings]
+        self.through_norms = through_norms
         self._made: dict[tuple, tuple] = {}  # meta call signature -> (shape, stride, dtype) of the new tensor
         # For folding batch norms: id -> [output, layer] of each output a layer computed in its own forward, how
         # often each such output is read, the (norm, output id) pairs where a batch norm read one, and how often
@@ -95,7 +106,50 @@ class Tracer(TorchFunctionMode):
             ops.split_rule(self, split, args, kwargs, out)
         else:
             ops.RULES.get(self.current_op, ops.opaque)(self, args, kwargs, out)
+        if (
+            (self.current_op in VIEWS or self.current_op in ops.ENTRYWISE)
+            and args
+            and isinstance(out, torch.Tensor)
+            and self.channels(out) is None
+        ):
+            self._note_view(args, kwargs, out)
         return out
+
+    def _note_view(self, args, kwargs, out: torch.Tensor) -> None:
+        """Remember that `out` is a view of a parameter or buffer (``cls_token.expand(B, -1, -1)``), axis by axis."""
+        from prunespec.planner.ops.shapes import moved_axes, reshaped
+
+        operands = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        x = next((t for t in operands if self.tensor_of(t) is not None), None)
+        if x is None or x is not args[0] and self.current_op in VIEWS:
+            return
+        if self.current_op in ops.ENTRYWISE:  # `1 + weight`, `weight.exp()`: a function of each entry
+            if out.shape != x.shape or any(t is not x and t.numel() != 1 for t in operands):
+                return
+        name, axes = self.tensor_of(x)
+        mapped = [a for a, p in enumerate(axes) if p is not None]
+        if self.current_op in ("view", "reshape"):
+            found = [reshaped(x.shape, out.shape, a) for a in mapped]
+            landing = [b[0] if kind == "moves" else None for kind, b in found]
+        elif out.shape == x.shape and self.current_op not in ("permute", "transpose"):
+            landing = mapped
+        else:
+            landing = [moved_axes(self.current_op, x, [a], args, kwargs, out) for a in mapped]
+            landing = [b[0] if b is not None else None for b in landing]
+        out_axes: list[int | None] = [None] * out.ndim
+        for a, b in zip(mapped, landing):
+            if b is not None:
+                out_axes[b] = axes[a]
+        if any(p is not None for p in out_axes):
+            self._views[id(out)] = (out, (name, out_axes))
+
+    def tensor_of(self, t) -> tuple[str, list[int | None]] | None:
+        """The model tensor `t` is, or a view of, with the tensor's axis behind each of `t`'s (None: a new axis)."""
+        name = self.name(t)
+        if name is not None:
+            return name, list(range(t.ndim))
+        entry = self._views.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0] is t else None
 
     def _call_meta(self, func, args: tuple, kwargs: dict):
         """`func(*args, **kwargs)` in a meta run, made directly when the same call made a new tensor before.
@@ -215,11 +269,45 @@ class Tracer(TorchFunctionMode):
                 found.append(Fold(norm, layer))
         return found
 
+    def couple(self, slots: list[int], why: str) -> None:
+        """Channels `slots` are mixed by a statistic over them (a mean, a norm): removing one changes the others.
+
+        Without `through_norms` they are kept. With it, the module running the op may be a *norm* that the pruned
+        model runs on its kept channels (and the mock emulates, see `applier.mock`): `leave` decides.
+        """
+        if not self.through_norms or not self._running or self._running[-1][0] is None:
+            return self.slots.pin(slots, why)
+        self._running[-1][3].append((slots, why))
+
     def enter(self, module, args) -> None:
-        self._running.append((self._module_names.get(id(module)), args[0] if args else None))
+        records = len(self.graph.producers) + len(self.graph.consumers)
+        self._running.append([self._module_names.get(id(module)), args[0] if args else None, records, []])
 
     def leave(self, module, args, out) -> None:
-        self._running.pop()
+        name, x, records, couplings = self._running.pop()
+        if couplings:
+            self._renormalises(name, x, out, records, couplings)
+
+    def _renormalises(self, name: str, x, out, records: int, couplings: list) -> None:
+        """A module whose forward couples its channels is a norm the pruned model runs on fewer channels when it
+        holds no layers, and its input and output carry the same channels; else the coupled channels are kept."""
+        y = next(iter(tree_leaves(out)), None)
+        cmap_in, cmap_out = self.channels(x), self.channels(y)
+        root = self.slots.find
+        ok = (
+            records == len(self.graph.producers) + len(self.graph.consumers)
+            and cmap_in is not None
+            and cmap_out is not None
+            and [root(s) for s in cmap_in.slots] == [root(s) for s in cmap_out.slots]
+        )
+        if ok:
+            inside = {root(s) for s in cmap_in.slots}
+            ok = all(root(s) in inside for slots, _ in couplings for s in slots)
+        if not ok:
+            for slots, why in couplings:
+                self.slots.pin(slots, f"{why} in {name}, which the planner cannot run on fewer channels")
+            return
+        self.graph.renorms.append(Renorm(name, cmap_in.axis - x.ndim, cmap_out.axis - y.ndim, cmap_in.slots))
 
     def is_multihead_attention(self, name: str) -> bool:
         return isinstance(self.modules.get(name), torch.nn.MultiheadAttention)
@@ -261,7 +349,9 @@ class Tracer(TorchFunctionMode):
 RUNS = ("meta", "fake", "real")
 
 
-def trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], fake: bool = True) -> ChannelGraph:
+def trace(
+    model: torch.nn.Module, inputs: Sequence[torch.Tensor], fake: bool = True, through_norms: bool = False
+) -> ChannelGraph:
     """Run `model(*inputs)` in eval mode without gradients and return its channel graph.
 
     With `fake`, activations carry shapes and dtypes but no data (see `RUNS`), so tracing costs the same at any
@@ -278,15 +368,15 @@ def trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], fake: bool = T
     if fake:
         for run in RUNS[:-1]:
             try:
-                return _trace(model, inputs, run)
+                return _trace(model, inputs, run, through_norms)
             except Exception:  # data-dependent control flow, mixed devices, ops without a meta kernel, ...
                 pass
-    return _trace(model, inputs, "real")
+    return _trace(model, inputs, "real", through_norms)
 
 
-def _trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], run: str) -> ChannelGraph:
+def _trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], run: str, through_norms: bool) -> ChannelGraph:
     twins = _meta_twins(model) if run == "meta" else {}
-    tracer = Tracer(model, twins)
+    tracer = Tracer(model, twins, through_norms)
     modes = {m: m.training for m in tracer.modules.values()}
     # Global hooks, not hooks on the model: they see every module's forward and leave the model untouched.
     hooks = [register_module_forward_pre_hook(tracer.enter), register_module_forward_hook(tracer.leave)]

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
@@ -120,23 +121,42 @@ def suspects_to_pin(
     spec: PruningSpec,
     at_stake: Sequence[Suspect],
     kept: Callable[[int], bool],
-) -> list[Suspect]:
-    """The suspects whose channels must be kept for `spec` to be exact; empty when it already is.
+) -> tuple[list[Suspect], str | None]:
+    """The suspects whose channels must be kept for `spec` to be exact (empty when it already is), and, when the
+    pruned model fails or differs in a way no single suspect explains, what happened, to give as their reason.
 
     `kept` tells whether a slot is kept by `spec`.
     """
     probe = SizeProbe(at_stake, kept)
+    running: list[str] = []
     with torch.no_grad():
         expected = tree_leaves(mock(model, spec).eval()(*inputs))
         pruned = prune(copy.deepcopy(model).eval(), spec)
+        names = {id(m): n for n, m in pruned.named_modules()}
+
+
+        def began(module, args) -> None:
+            running.append(names.get(id(module), ""))
+
+        def ended(module, args, out) -> None:  # returns None: the output stays as it is
+            running.pop()
+
+        hooks = [register_module_forward_pre_hook(began), register_module_forward_hook(ended)]
         try:
             with probe:
                 actual = tree_leaves(pruned(*inputs))
-        except RuntimeError:
-            return probe.constants or list(at_stake)
+        except RuntimeError as e:
+            where = f" in {running[-1]}" if running and running[-1] else ""
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return probe.constants or list(at_stake), None if probe.constants else f"the pruned model fails{where}: {first}"
+        finally:
+            for hook in hooks:
+                hook.remove()
     if probe.constants:
-        return probe.constants
-    return [] if _same(actual, expected) else list(at_stake)
+        return probe.constants, None
+    if _same(actual, expected):
+        return [], None
+    return list(at_stake), None
 
 
 def _same(actual: list, expected: list) -> bool:

@@ -89,6 +89,9 @@ class Request(_Struct):
     """Query heads by attention module and head index (since schema 1.3)."""
     pruned_kv_heads: list[UnitRequest] = msgspec.field(default_factory=list)
     """Key/value heads by attention module and key/value head index (since schema 1.3)."""
+    through_norms: bool = msgspec.field(default=False)
+    """Whether channels that norms normalise together may be pruned, the norms then normalising over the kept
+    ones (since schema 1.3)."""
 
 
 class KeptChannels(_Struct):
@@ -127,6 +130,21 @@ class Subselection(_Struct):
     indices: IndexRuns
 
 
+class NormChange(_Struct):
+    """A norm that takes its statistics over fewer channels after pruning (since schema 1.3, planned only with
+    ``through_norms``).
+
+    It reads the channels on `input_axis` and writes them on `output_axis` (negative: counted from the last axis).
+    `channels` is ``[before, after]``; `kept` lists the channels it keeps, in their pruned order. The pruned model
+    runs the norm on the kept channels alone; the mock emulates that by running it on them alone too.
+    """
+
+    input_axis: int
+    output_axis: int
+    channels: tuple[Count, Count]
+    kept: IndexRuns
+
+
 class LayerSpec(_Struct, omit_defaults=True):
     """Everything the applier does to one module, and what the planner measured about it.
 
@@ -143,7 +161,7 @@ class LayerSpec(_Struct, omit_defaults=True):
     - `macs`: multiply-accumulates of the layer for the example inputs, before and after pruning; only on layers
       that do multiply-accumulates (convolutions, linear layers, attention projections).
 
-    Since schema 1.3, `heads` on attention modules (see `HeadCounts`).
+    Since schema 1.3, `heads` on attention modules (see `HeadCounts`) and `normalises` on norms (`NormChange`).
     """
 
     type: str
@@ -155,6 +173,8 @@ class LayerSpec(_Struct, omit_defaults=True):
     heads: HeadCounts | None = None
     """On attention modules whose heads change (since schema 1.3); the module's head-count attributes that its
     forward reads are in `attributes`."""
+    normalises: NormChange | None = None
+    """On norms that take their statistics over fewer channels (since schema 1.3)."""
 
 
 class NormFold(_Struct):
@@ -421,6 +441,8 @@ def _check_runs_are_well_formed(spec: PruningSpec, source: str) -> None:
                     check(runs, f"layers[{name!r}].tensors[{tensor!r}][{axis}]")
         if layer.input is not None:
             check(layer.input.indices, f"layers[{name!r}].input.indices")
+        if layer.normalises is not None:
+            check(layer.normalises.kept, f"layers[{name!r}].normalises.kept")
 
 
 def _migrate(raw: dict[str, Any], source: str) -> dict[str, Any]:
@@ -489,10 +511,10 @@ def _from_1_1(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _from_1_2(raw: dict[str, Any]) -> dict[str, Any]:
-    """1.2 -> 1.3: requests gain `pruned_heads` and `pruned_kv_heads`, layers `heads`, and kept channels the sides
-    "heads" and "key_value_heads"; all stay absent.
+    """1.2 -> 1.3: requests gain `pruned_heads`, `pruned_kv_heads` and `through_norms`, layers `heads` and
+    `normalises`, and kept channels the sides "heads" and "key_value_heads"; all stay absent (false).
 
-    Lost: nothing. A 1.2 file was planned without heads, so it prunes none.
+    Lost: nothing. A 1.2 file was planned without heads and without pruning through norms.
     """
     return {**raw, "schema_version": "1.3"}
 

@@ -17,7 +17,10 @@ fixed-size wherever it meets labelled channels, so nothing downstream of it is p
 """
 
 from prunespec.planner.ops import attention, elementwise, layers, norms, shapes  # noqa: F401  (they register)
-from prunespec.planner.ops.base import RULES, opaque
+from prunespec.planner.ops.base import ELEMENTWISE_OPS, RULES, SAME_SHAPE_OPS, opaque
 from prunespec.planner.ops.splits import split_rule
 
-__all__ = ["RULES", "opaque", "split_rule"]
+# Ops that compute each entry of their output from the same entry of one tensor (and scalars).
+ENTRYWISE = frozenset(ELEMENTWISE_OPS) | frozenset(SAME_SHAPE_OPS)
+
+__all__ = ["ENTRYWISE", "RULES", "opaque", "split_rule"]

@@ -115,17 +115,17 @@ def bind(tr: Tracer, tensor, slots: list[int], why: str, axis: int = 0) -> None:
     pinned."""
     if tensor is None:
         return
-    name = tr.name(tensor)
-    parts = tr.joined_tensors(tensor) if name is None and axis == 0 else None
+    source = tr.tensor_of(tensor)
+    parts = tr.joined_tensors(tensor) if source is None and axis == 0 else None
     if parts is not None and sum(n for _, n in parts) == len(slots):
         start = 0
         for part, n in parts:
             tr.graph.bindings.append(Binding(part, 0, slots[start : start + n]))
             start += n
-    elif name is None:
+    elif source is None or source[1][axis] is None:
         tr.slots.pin(slots, why)
     else:
-        tr.graph.bindings.append(Binding(name, axis, slots))
+        tr.graph.bindings.append(Binding(source[0], source[1][axis], slots))
 
 
 def bind_bias(tr: Tracer, bias, slots: list[int]) -> None:

@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from prunespec.planner.graph import Binding, ChannelMap
+from prunespec.planner.graph import ChannelMap
 from prunespec.planner.ops.base import (
     ELEMENTWISE_OPS,
     SAME_SHAPE_OPS,
     arg,
+    bind,
     opaque,
     rule,
     tensors,
@@ -59,15 +60,17 @@ def elementwise(tr: Tracer, args, kwargs, out) -> None:
         t_axis = axis - (out.ndim - t.ndim)
         if t_axis < 0 or t.shape[t_axis] == 1:
             continue  # broadcasts over the channels: nothing to slice
-        name = tr.name(t)
-        if name is None:
-            tr.slots.pin(slots, "is combined with a fixed-size tensor made in forward")
-        else:
-            tr.graph.bindings.append(Binding(name, t_axis, slots))
+        bind(tr, t, slots, "is combined with a fixed-size tensor made in forward", t_axis)
     tr.set(out, ChannelMap(axis, slots))
 
 
-@rule(*SAME_SHAPE_OPS)
+@rule("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "size", "dim", "numel")
+def made_from_sizes(tr: Tracer, args, kwargs, out) -> None:
+    """A tensor made from sizes given as numbers, or a size read off a tensor: no channels flow into it."""
+    untrack(tr, out)
+
+
+@rule(*SAME_SHAPE_OPS, "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like")
 @unary
 def same(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
     """Ops that keep every channel where it is: the output carries the first argument's labels."""
@@ -83,8 +86,14 @@ def same(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
 )  # fmt: skip
 @unary
 def spatial(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
-    """Pooling, resizing and padding act on the spatial axes only; channels stay at axis 1."""
+    """Pooling, resizing and padding act on the spatial axes only; channels stay at axis 1. Padding may pad any
+    axes but the channels' (Swin pads its channels-last windows)."""
     results = tensors(out)
+    if tr.current_op == "pad":
+        widths = arg(args, kwargs, 1, "pad")
+        padded = {x.ndim - 1 - i // 2 for i, w in enumerate(widths) if w}  # pairs from the last axis back
+        if cmap.axis not in padded and all(t.shape[cmap.axis] == x.shape[cmap.axis] for t in results):
+            return tr.set(out, cmap)
     if cmap.axis != 1 or any(t.ndim != x.ndim or t.shape[1] != x.shape[1] for t in results):
         return opaque(tr, args, kwargs, out, "is padded or resized along its channels")
     for t in results:
@@ -122,7 +131,10 @@ def reduce(tr: Tracer, x, cmap: ChannelMap, args, kwargs, out) -> None:
         return opaque(tr, args, kwargs, out, "is reduced over its channels")
     dims, keepdim = reduced_dims(tr.current_op, x, args, kwargs)
     if cmap.axis in dims:
-        return opaque(tr, args, kwargs, out, "is reduced over its channels")
+        if not tr.through_norms:
+            return opaque(tr, args, kwargs, out, "is reduced over its channels")
+        tr.couple(cmap.slots, "is reduced over its channels")  # a norm's statistic, if the module is a norm
+        return untrack(tr, out)
     shift = 0 if keepdim else sum(1 for d in dims if d < cmap.axis)
     tr.set(out, ChannelMap(cmap.axis - shift, cmap.slots))
 

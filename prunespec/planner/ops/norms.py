@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prunespec.planner.graph import Binding
 from prunespec.planner.ops.base import arg, bind, opaque, rule, untrack
 
 if TYPE_CHECKING:
@@ -34,11 +33,12 @@ def instance_norm(tr: Tracer, args, kwargs, out) -> None:
     batch_norm(tr, args, kwargs, out)
 
 
-@rule("layer_norm", "group_norm", "rms_norm")
+@rule("layer_norm", "rms_norm")
 def shared_statistics_norm(tr: Tracer, args, kwargs, out) -> None:
-    """Layer, group and RMS norms compute statistics across channels: removing one would change the others.
+    """Layer and RMS norms compute statistics across channels: removing one changes the others.
 
-    The channels they normalise together are kept; the output carries the same labels, so the layers after it can
+    The channels they normalise together are coupled (`Tracer.couple`): kept, unless the plan goes through norms
+    and the norm runs in a module of its own. The output carries the same labels, so the layers after it can
     still drop what they do not read. A norm over other axes (channels outside the normalised shape) keeps its
     channels apart, and they stay free.
     """
@@ -46,18 +46,35 @@ def shared_statistics_norm(tr: Tracer, args, kwargs, out) -> None:
     cmap = tr.channels(x)
     if cmap is None:
         return untrack(tr, out, x)
-    if tr.current_op == "group_norm":
-        first = 1
-    else:
-        normalized = arg(args, kwargs, 1, "normalized_shape")
-        first = x.ndim - (len(normalized) if isinstance(normalized, (tuple, list)) else 1)
-    weight, bias = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
-    if tr.current_op == "rms_norm":
-        bias = None  # rms_norm(input, normalized_shape, weight, eps)
+    normalized = arg(args, kwargs, 1, "normalized_shape")
+    first = x.ndim - (len(normalized) if isinstance(normalized, (tuple, list)) else 1)
+    weight = arg(args, kwargs, 2, "weight")
+    bias = arg(args, kwargs, 3, "bias") if tr.current_op == "layer_norm" else None  # rms_norm(x, shape, w, eps)
     if cmap.axis >= first:
-        tr.slots.pin(cmap.slots, f"is normalised together with other channels by {tr.current_op}")
+        tr.couple(cmap.slots, f"is normalised together with other channels by {tr.current_op}")
         for t in (weight, bias):
-            name = tr.name(t)
-            if name is not None and t.ndim > cmap.axis - first:
-                tr.graph.bindings.append(Binding(name, cmap.axis - first, cmap.slots))
+            if t is not None and t.ndim > cmap.axis - first:
+                bind(tr, t, cmap.slots, "is normalised with parameters that are not model tensors", cmap.axis - first)
+    tr.set(out, cmap)
+
+
+@rule("group_norm")
+def group_norm(tr: Tracer, args, kwargs, out) -> None:
+    """Group norm takes statistics per group of channels: whole groups go, and the others keep their statistics.
+
+    The channels of each group are tied into one unit (removing a group leaves every other group's mean and
+    variance as they were), so the pruned norm only has fewer groups, which the applier sets.
+    """
+    x, groups = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "num_groups")
+    cmap = tr.channels(x)
+    if cmap is None:
+        return untrack(tr, out, x)
+    if cmap.axis != 1 or not isinstance(groups, int) or x.shape[1] % groups:
+        return opaque(tr, args, kwargs, out, "is normalised by a group norm the planner cannot follow")
+    size = x.shape[1] // groups
+    for g in range(groups):
+        members = cmap.slots[g * size : (g + 1) * size]
+        tr.slots.union_all([members[0]] * (size - 1), members[1:])
+    for i, key in ((2, "weight"), (3, "bias")):
+        bind(tr, arg(args, kwargs, i, key), cmap.slots, "is normalised with parameters that are not model tensors")
     tr.set(out, cmap)

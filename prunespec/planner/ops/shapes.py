@@ -16,7 +16,7 @@ import torch
 
 from prunespec.planner.graph import ChannelMap, Repeat
 from prunespec.planner.ops import splits
-from prunespec.planner.ops.base import arg, opaque, rule, tie_groups, unary, untrack
+from prunespec.planner.ops.base import arg, bind, opaque, rule, tie_groups, unary, untrack
 from prunespec.planner.verify import Suspect, call_sizes
 
 if TYPE_CHECKING:
@@ -170,11 +170,15 @@ def cat(tr: Tracer, args, kwargs, out) -> None:
         for t, m in zip(parts, maps):
             slots += m.slots if m is not None else tr.slots.new(t.shape[dim], pin="is concatenated untracked")
         return tr.set(out, ChannelMap(dim, slots))
-    if len(axes) == 1 and all(m is not None for m in maps):
+    if len(axes) == 1 and dim not in axes:
         axis = axes.pop()
-        for m in maps[1:]:
-            tr.slots.union_all(maps[0].slots, m.slots)
-        return tr.set(out, ChannelMap(axis, maps[0].slots))
+        slots = next(m.slots for m in maps if m is not None)
+        for t, m in zip(parts, maps):
+            if m is not None:
+                tr.slots.union_all(slots, m.slots)
+            else:  # a class token or the like: a parameter joined along the tokens, whose channels follow
+                bind(tr, t, slots, "is concatenated with a tensor made in forward", axis)
+        return tr.set(out, ChannelMap(axis, slots))
     opaque(tr, args, kwargs, out, "is concatenated with tensors the planner cannot line up")
 
 
