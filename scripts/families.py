@@ -138,3 +138,10 @@ FAMILIES: dict[str, Family] = {
     "tv-vit_b_16": Family(_torchvision("vit_b_16", 64, image_size=64)),
     "tv-swin_t": Family(_torchvision("swin_t", 64)),
 }
+
+# Residual networks without attention, for the hidden width (ConvNeXt's stream runs through layer norms) and blocks.
+RESIDUAL: dict[str, Family] = {
+    "timm-convnext": Family(_timm("convnext_atto", 64)),
+    "tv-convnext_tiny": Family(_torchvision("convnext_tiny", 64)),
+    "tv-resnet50": Family(_torchvision("resnet50", 64)),
+}

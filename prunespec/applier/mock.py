@@ -9,7 +9,7 @@ zero. Removing a channel and zeroing all the weights that produce or read it giv
 Only which indices are kept matters here: reordering and activation subselections change where channels sit in
 memory, not what the network computes. The one exception is a norm pruned through (planned with `through_norms`):
 it takes its statistics over the channels it keeps, which zeros cannot emulate, so the mock runs it on those
-channels alone (`NormEmulation`).
+channels alone (`NormEmulation`). A dropped block returns its input.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunespec.applier.blocks import check_blocks, skip_hook
 from prunespec.applier.validate import LayerChange, check
 from prunespec.schemas import NormChange, PruningSpec, decode_runs
 
@@ -39,6 +40,7 @@ def mock(model: nn.Module, spec: PruningSpec) -> MockPrunedModel:
     0.0
     """
     changes = check(model, spec)
+    blocks = [drop.name for drop in check_blocks(model, spec)]
     masks: dict[str, torch.Tensor] = {}
     norms = []
     for change in changes:
@@ -57,7 +59,7 @@ def mock(model: nn.Module, spec: PruningSpec) -> MockPrunedModel:
     for name, tensor in named.items():
         first.setdefault(id(tensor), name)
     masks = {name: mask for name, mask in masks.items() if first[id(named[name])] == name}
-    return MockPrunedModel(model, spec, masks, norms)
+    return MockPrunedModel(model, spec, masks, norms, blocks)
 
 
 class NormEmulation:
@@ -99,12 +101,18 @@ class MockPrunedModel(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, spec: PruningSpec, masks: dict[str, torch.Tensor], norms: list[NormEmulation] = ()
+        self,
+        model: nn.Module,
+        spec: PruningSpec,
+        masks: dict[str, torch.Tensor],
+        norms: list[NormEmulation] = (),
+        blocks: list[str] = (),
     ):
         super().__init__()
         self.model = model
         self.spec = spec
         self._norms = list(norms)  # not submodules: the mock's state_dict is the model's
+        self._blocks = list(blocks)  # dropped: each returns its input
         # Buffer names cannot hold dots, so masks are numbered buffers and `_masked` maps each tensor to one.
         # Non-persistent: the mock's state_dict is the model's. Bool: a float model never casts them.
         self._masked: dict[str, str] = {}
@@ -122,6 +130,7 @@ class MockPrunedModel(nn.Module):
             masked[key] = torch.where(getattr(self, buffer).to(tensor.device), tensor, 0)
         modules = dict(self.model.named_modules())
         hooks = [modules[n.name].register_forward_hook(n, with_kwargs=True) for n in self._norms]
+        hooks += [modules[name].register_forward_hook(skip_hook) for name in self._blocks]
         try:
             return torch.func.functional_call(self.model, masked, args, kwargs)
         finally:

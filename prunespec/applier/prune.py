@@ -1,8 +1,8 @@
 """Prune a model in place from a spec.
 
 Start with `prune`: it asks `validate.check` for every change first (so a bad spec changes nothing), then swaps in
-the smaller tensors, sets the attributes, and installs `InputSubselection` on consumers that read only some
-channels of their input. The state_dict keys stay the same; only shapes shrink (unless batch norms are folded,
+the smaller tensors, sets the attributes, installs `InputSubselection` on consumers that read only some
+channels of their input, and takes dropped blocks out (`blocks`). The state_dict keys stay the same; only shapes shrink (unless batch norms are folded,
 for inference: see `fold`).
 """
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from prunespec.applier.blocks import check_blocks, drop_blocks
 from prunespec.applier.fold import check_folds, fold
 from prunespec.applier.validate import INDICES_BUFFER, InputGather, check
 from prunespec.schemas import PruningSpec
@@ -34,6 +35,7 @@ def prune(model: nn.Module, spec: PruningSpec, fold_norms: bool = False) -> nn.M
     Linear(in_features=4, out_features=2, bias=True)
     """
     changes = check(model, spec)
+    drops = check_blocks(model, spec)
     folds = check_folds(model, spec, changes) if fold_norms else []
     # A tensor that several modules share (tied input and output embeddings) stays shared: the first pruned copy
     # of it replaces it everywhere.
@@ -55,6 +57,7 @@ def prune(model: nn.Module, spec: PruningSpec, fold_norms: bool = False) -> nn.M
         if change.input is not None:
             _install_subselection(module, change.input)
     fold(folds)
+    drop_blocks(model, drops)
     return model
 
 

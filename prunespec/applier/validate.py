@@ -27,6 +27,7 @@ import msgspec
 import torch
 from torch import nn
 
+from prunespec.applier.blocks import check_blocks
 from prunespec.applier.fold import check_fold
 from prunespec.applier.rules import HEAD_ATTRIBUTES, Rule, head_attribute_problem, rule_for
 from prunespec.errors import SpecError, nearest
@@ -181,6 +182,10 @@ def problems(model: nn.Module, spec: PruningSpec) -> list[str]:
             check_fold(i, entry, modules, pruned)
         except SpecError as e:
             found.append(str(e))
+    try:
+        check_blocks(model, spec)
+    except SpecError as e:
+        found.append(str(e))
     return found
 
 

@@ -35,6 +35,7 @@ def plan(
     pruned_heads: Channels | None = None,
     pruned_kv_heads: Channels | None = None,
     through_norms: bool = False,
+    pruned_blocks: Iterable[str] | None = None,
 ) -> PruningSpec:
     """Compile "remove these channels" into a spec for `model`.
 
@@ -57,6 +58,9 @@ def plan(
             which changes what it computes, so it is asked for explicitly. The mock emulates it, so the pruned
             model still equals the mock exactly. Norms are recognised from the data flow: a module without layers
             that takes a statistic over its channels (`layer_norm`, `rms_norm`, or a mean of squares written out).
+        pruned_blocks: module names of residual blocks to drop: modules whose output the trace shows is their
+            input plus a branch (``x + f(x)``), which the pruned model no longer runs. The other requests are
+            planned on the model without them.
 
     With no channels and no heads named, the channels whose weights are all zero are pruned.
 
@@ -67,13 +71,23 @@ def plan(
     """
     inputs = [example_inputs] if isinstance(example_inputs, torch.Tensor) else list(example_inputs)
     graph = trace(model, inputs, through_norms=through_norms)
-    zeroed = pruned_inputs is None and pruned_outputs is None and pruned_heads is None and pruned_kv_heads is None
+    named = (pruned_inputs, pruned_outputs, pruned_heads, pruned_kv_heads, pruned_blocks)
+    zeroed = all(n is None for n in named)
+    blocks = block_requests(graph, list(pruned_blocks or []))
+    full = graph
+    if blocks:  # plan the rest on the model without the blocks; what was asked inside them goes with them
+        graph = trace(model, inputs, through_norms=through_norms, bypass=blocks)
+        inside = tuple(f"{b}." for b in blocks)
+        pruned_inputs, pruned_outputs, pruned_heads, pruned_kv_heads = (
+            [(name, i) for name, i in pairs or [] if not f"{name}.".startswith(inside)]
+            for pairs in (pruned_inputs, pruned_outputs, pruned_heads, pruned_kv_heads)
+        )
     units = head_requests(graph, pruned_heads or [], pruned_kv_heads or [])
     if zeroed:
         pruned_inputs, pruned_outputs = zeroed_channels(model, graph)
     requested_inputs = _requests(pruned_inputs or [], {c.weight: len(c.slots) for c in graph.consumers}, "input")
     requested_outputs = _requests(pruned_outputs or [], {p.weight: len(p.slots) for p in graph.producers}, "output")
-    order = [name for name, _ in model.named_parameters()]
+    order = [name for name, _ in model.named_parameters(remove_duplicate=False)]
     request = Request(
         pruned_inputs=channel_requests(requested_inputs, order),
         pruned_outputs=channel_requests(requested_outputs, order),
@@ -83,12 +97,14 @@ def plan(
         pruned_heads=unit_requests(units, "heads"),
         pruned_kv_heads=unit_requests(units, "key_value_heads"),
         through_norms=through_norms,
+        pruned_blocks=blocks,
     )
 
     def compiled() -> tuple[PruningSpec, set[int]]:
         resolution = resolve(graph, requested_inputs, requested_outputs, constrained, units)
         layout = Layout(graph, resolution, reorder)
-        return compile_spec(model, inputs, graph, resolution, layout, request), resolution.dropped
+        spec = compile_spec(model, inputs, graph, resolution, layout, request, blocks, full if blocks else None)
+        return spec, resolution.dropped
 
     spec, dropped = compiled()
     # Heads are followed on trust too: the applier sets the head counts the planner found in attributes, and the
@@ -103,6 +119,8 @@ def plan(
         for suspect in culprits:
             graph.slots.pin(suspect.slots, failure or suspect.reason)
         spec, dropped = compiled()
+    if blocks:
+        _check_dropped_blocks(model, inputs, spec)
     if strict and spec.kept:
         first = spec.kept[0]
         more = f" (and {len(spec.kept) - 1} more groups)" if len(spec.kept) > 1 else ""
@@ -111,6 +129,33 @@ def plan(
             "drop --strict to keep them, or ask for other channels"
         )
     return spec
+
+
+def block_requests(graph: ChannelGraph, blocks: list[str]) -> list[str]:
+    """The requested blocks in model order, each checked to be a residual block the trace saw."""
+    found = []
+    for name in dict.fromkeys(blocks):
+        if not isinstance(name, str) or name not in graph.blocks:
+            droppable = [n for n, why in graph.blocks.items() if why is None]
+            raise PlanError(f"{name!r} is not a module that runs in forward; " + nearest(str(name), droppable))
+        why = graph.blocks[name]
+        if why is not None:
+            raise PlanError(f"{name} cannot be dropped: {why}, so the model without it would compute another thing")
+        outer = next((b for b in blocks if name.startswith(f"{b}.")), None)
+        if outer is not None:
+            raise PlanError(f"{name} lies inside {outer}, which is dropped too; name one of them")
+        found.append(name)
+    order = list(graph.blocks)
+    return sorted(found, key=order.index)
+
+
+def _check_dropped_blocks(model: torch.nn.Module, inputs, spec: PruningSpec) -> None:
+    """Run the model without its dropped blocks once against the mock; refuse the plan if they differ."""
+    check = Suspect("", -1, 0, 0, [], "the model without the dropped blocks differs from the mock")
+    culprits, failure = suspects_to_pin(model, inputs, spec, [check], lambda slot: True)
+    if culprits:
+        blocks = ", ".join(b.module for b in spec.dropped_blocks)
+        raise PlanError(f"dropping {blocks}: {failure or check.reason}; drop other blocks")
 
 
 def head_requests(graph: ChannelGraph, heads: Channels, kv_heads: Channels) -> Units:

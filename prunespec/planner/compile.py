@@ -22,6 +22,7 @@ from prunespec.planner.reorder import Layout
 from prunespec.planner.resolve import Resolution
 from prunespec.schemas import (
     ChannelRequest,
+    DroppedBlock,
     HeadCounts,
     NormChange,
     InputInfo,
@@ -43,7 +44,11 @@ def compile_spec(
     resolution: Resolution,
     layout: Layout,
     request: Request,
+    blocks: Sequence[str] = (),
+    full: ChannelGraph | None = None,
 ) -> PruningSpec:
+    """The spec of a resolved plan. With dropped `blocks`, `graph` was traced with them bypassed and `full`, the
+    trace of the whole model, gives the MACs before."""
     parameters = dict(model.named_parameters())
     # Every name of every tensor: a tensor that modules share is pruned under each of its names.
     tensors = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
@@ -84,13 +89,21 @@ def compile_spec(
         model=type(model).__name__,
         inputs=[InputInfo(list(x.shape), _dtype(x)) for x in inputs],
         request=request,
-        summary=_summary(parameters, new_shapes, macs, len(gathers)),
+        summary=_summary(parameters, new_shapes, macs, _macs(full, tensors, {}) if full else macs, len(gathers), blocks),
         layers=layers,
         fingerprint={name: f"{_dtype(t)}[{','.join(map(str, t.shape))}]" for name, t in model.state_dict().items()},
         kept=[KeptChannels(n.tensor, n.side, encode_runs(n.channels), n.reason) for n in resolution.notes],
         norm_folds=[NormFold(fold.norm, fold.into) for fold in graph.folds],
         generator=f"prunespec {_version()}",
+        dropped_blocks=[DroppedBlock(name, _how_dropped(model, name)) for name in blocks],
     )
+
+
+def _how_dropped(model: torch.nn.Module, name: str) -> str:
+    """A block in a `ModuleList` is removed from it (the code around it counts the list); elsewhere an identity
+    takes its place, which keeps every other state_dict key as it was."""
+    parent = model.get_submodule(name.rpartition(".")[0])
+    return "removed" if isinstance(parent, torch.nn.ModuleList) else "identity"
 
 
 def _head_counts(graph: ChannelGraph, resolution: Resolution) -> dict[str, HeadCounts]:
@@ -189,11 +202,15 @@ def _macs(graph: ChannelGraph, tensors, new_shapes) -> dict[str, tuple[int, int]
     return per_module
 
 
-def _summary(parameters, new_shapes, macs: dict[str, tuple[int, int]], subselections: int) -> Summary:
-    """Sizes before and after; `parameters` are the model's, by name, each shared one once."""
+def _summary(parameters, new_shapes, macs, full_macs, subselections: int, blocks: Sequence[str]) -> Summary:
+    """Sizes before and after; `parameters` are the model's, by name, each shared one once. Parameters of dropped
+    `blocks` are gone; `full_macs` are the MACs of the whole model, blocks included."""
+    inside = tuple(f"{b}." for b in blocks)
     before = sum(p.numel() for p in parameters.values())
-    after = sum(math.prod(new_shapes.get(name, p.shape)) for name, p in parameters.items())
-    macs_before = sum(b for b, _ in macs.values())
+    after = sum(
+        math.prod(new_shapes.get(name, p.shape)) for name, p in parameters.items() if not name.startswith(inside)
+    )
+    macs_before = sum(b for b, _ in full_macs.values())
     macs_after = sum(a for _, a in macs.values())
     return Summary(before, after, macs_before, macs_after, subselections)
 

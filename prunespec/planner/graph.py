@@ -264,5 +264,7 @@ class ChannelGraph:
     repeats: list[Repeat] = field(default_factory=list)
     heads: list[Heads] = field(default_factory=list)
     renorms: list[Renorm] = field(default_factory=list)
+    # Module name -> None when its output is its input plus a branch (dropping it leaves the input), else why not.
+    blocks: dict[str, str | None] = field(default_factory=dict)
     # Names of tensors that several modules share -> the first name (`model.named_parameters()` order).
     aliases: dict[str, str] = field(default_factory=dict)

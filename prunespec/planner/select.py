@@ -63,6 +63,7 @@ class Selection:
     spec: PruningSpec | None = None  # planned while searching a budget: the spec of this choice
     pruned_heads: Pairs = field(default_factory=list)
     pruned_kv_heads: Pairs = field(default_factory=list)
+    pruned_blocks: list[str] = field(default_factory=list)
 
     def __iter__(self):
         return iter((self.pruned_inputs, self.pruned_outputs))
@@ -74,6 +75,7 @@ class Selection:
             "pruned_outputs": self.pruned_outputs,
             "pruned_heads": self.pruned_heads,
             "pruned_kv_heads": self.pruned_kv_heads,
+            "pruned_blocks": self.pruned_blocks,
         }
 
 
@@ -117,7 +119,8 @@ def select(
         unit: "channels", or "heads" / "kv_heads" to choose whole attention heads or key/value heads, which
             `amount`, `scope` and `round_to` then count (see `units.HeadChoice`; `side` does not apply). The
             criteria l1, l2, fpgm and lamp score a head's weights; "output" its contribution to the output
-            projection on the calibration inputs.
+            projection on the calibration inputs. "blocks" chooses residual blocks to drop, by "influence" (one
+            minus the cosine similarity of a block's input and output) or "random" (`units.BlockChoice`).
 
     The model's weights, modes and hooks are left as they were.
 
@@ -133,6 +136,17 @@ def select(
     notes: list[str] = []
     target = target_macs if target_macs is not None else target_params
     measure = "MACs" if target_macs is not None else "parameters"
+    if unit == "blocks":
+        from prunespec.planner.units import BlockChoice
+
+        blocks = BlockChoice(model, graph, criterion, exclude, calibration or [inputs], progress, seed, notes)
+
+        def chosen_blocks(a: float) -> Selection:
+            return Selection([], [], a, notes, pruned_blocks=blocks.pick(a))
+
+        if target is None:
+            return chosen_blocks(amount)
+        return _search(model, inputs, chosen_blocks, target, measure, constrained, reorder)
     if unit != "channels":
         from prunespec.planner.units import HeadChoice
 
@@ -507,11 +521,11 @@ def _search(model, inputs, selection, target: float, measure: str, constrained: 
 
 
 def _check_arguments(criterion, amount, side, scope, round_to, target_macs, target_params, unit) -> None:
-    from prunespec.planner.units import HEAD_CRITERIA, UNITS
+    from prunespec.planner.units import BLOCK_CRITERIA, HEAD_CRITERIA, UNITS
 
     if unit not in UNITS:
         raise PlanError(f"unit {unit!r}: use one of {', '.join(UNITS)}")
-    known = CRITERIA if unit == "channels" else HEAD_CRITERIA
+    known = {"channels": CRITERIA, "blocks": BLOCK_CRITERIA}.get(unit, HEAD_CRITERIA)
     if criterion not in known:
         raise PlanError(f"criterion {criterion!r} does not choose {unit}; use one of {', '.join(known)}")
     if side not in SIDES:

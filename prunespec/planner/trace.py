@@ -40,6 +40,12 @@ VIEWS = {
     "type_as", "contiguous", "clone", "float", "double", "half", "bfloat16",
 }  # fmt: skip
 
+# What `Tracer.note_values` looks at, to tell a residual block from the data flow.
+ADDITIONS = {"add", "add_", "__add__", "__radd__", "__iadd__"}
+NONNEGATIVE_KEEPING = {"max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "adaptive_avg_pool2d",
+                       "avg_pool2d", "contiguous", "clone", "dropout", "__getitem__"}  # fmt: skip
+VALUE_OPS = ADDITIONS | NONNEGATIVE_KEEPING | {"relu", "relu_"}
+
 # Reading these tells nothing about a tensor's values, so it does not count as a reader of a layer's output.
 METADATA = {"shape", "dtype", "device", "ndim", "is_meta", "layout", "requires_grad", "size", "dim", "numel"}
 
@@ -73,6 +79,11 @@ class Tracer(TorchFunctionMode):
         self.decisions: dict[int, tuple[list[int], tuple, list[int]]] = {}
         self._joined: dict[int, tuple[torch.Tensor, list[tuple[str, int]]]] = {}  # see `join_tensors`
         self._views: dict[int, tuple[torch.Tensor, tuple]] = {}  # see `tensor_of`
+        # For `_why_not_a_block`: id -> (sum, its operands), (ReLU output, its input), non-negative tensor.
+        self._sums: dict[int, tuple[torch.Tensor, tuple]] = {}
+        self._relus: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._nonneg: dict[int, torch.Tensor] = {}
+        self._relued: set[int] = set()  # tensors a ReLU changed in place
         # The modules whose forward is running, innermost last, with the tensor each was called with.
         self.modules = dict(model.named_modules())
         self._module_names = {id(m): name for name, m in self.modules.items()}
@@ -106,6 +117,8 @@ class Tracer(TorchFunctionMode):
             ops.split_rule(self, split, args, kwargs, out)
         else:
             ops.RULES.get(self.current_op, ops.opaque)(self, args, kwargs, out)
+        if self.current_op in VALUE_OPS:
+            self.note_values(args, out)
         if (
             (self.current_op in VIEWS or self.current_op in ops.ENTRYWISE)
             and args
@@ -287,6 +300,58 @@ class Tracer(TorchFunctionMode):
         name, x, records, couplings = self._running.pop()
         if couplings:
             self._renormalises(name, x, out, records, couplings)
+        if name and name not in self.graph.blocks:  # the first call decides; a second one makes it ambiguous
+            self.graph.blocks[name] = self._why_not_a_block(x, out)
+        elif name:
+            self.graph.blocks[name] = "it runs more than once"
+
+    def _why_not_a_block(self, x, out) -> str | None:
+        """None when the module's output is its input plus branches (``x + f(x)``, also through several additions
+        and through a ReLU of a non-negative input), which dropping the module leaves as the input; else why not."""
+        y = out
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            return "its first input or its output is not a tensor"
+        if y.shape != x.shape:
+            return f"its output ({list(y.shape)}) is not shaped like its input ({list(x.shape)})"
+        if y is x:
+            return "its output is its input: there is no branch to drop"
+        return None if self._adds_up_to(y, x) else "its output is not its input plus a branch"
+
+    def _adds_up_to(self, t: torch.Tensor, x: torch.Tensor, depth: int = 0) -> bool:
+        """Whether `t` is `x` plus branches (see `_why_not_a_block`). An addition in place (``out += x``) leaves
+        one tensor for its result and an operand; the depth bound ends that loop."""
+        if t is x:
+            return True
+        if depth > 64 or (id(t) in self._relued and not self._nonnegative(x)):
+            return False
+        entry = self._sums.get(id(t))
+        if entry is not None and entry[0] is t:
+            return any(isinstance(o, torch.Tensor) and self._adds_up_to(o, x, depth + 1) for o in entry[1])
+        entry = self._relus.get(id(t))
+        if entry is not None and entry[0] is t and self._nonnegative(x):
+            return self._adds_up_to(entry[1], x, depth + 1)
+        return False
+
+    def _nonnegative(self, t: torch.Tensor) -> bool:
+        entry = self._nonneg.get(id(t))
+        return entry is not None and entry is t
+
+    def note_values(self, args, out) -> None:
+        """Keep what `_why_not_a_block` needs: the operands of additions, ReLUs, and which tensors are >= 0."""
+        op = self.current_op
+        if not isinstance(out, torch.Tensor):
+            return
+        x = args[0] if args else None
+        if op in ADDITIONS and len(args) == 2 and op.rstrip("_") not in ("sub", "__sub", "__isub", "__rsub"):
+            self._sums[id(out)] = (out, args)
+        elif op in ("relu", "relu_"):
+            if out is x:  # in place: the tensor now holds relu of what it held
+                self._relued.add(id(out))
+            else:
+                self._relus[id(out)] = (out, x)
+            self._nonneg[id(out)] = out
+        elif op in NONNEGATIVE_KEEPING and isinstance(x, torch.Tensor) and self._nonnegative(x):
+            self._nonneg[id(out)] = out
 
     def _renormalises(self, name: str, x, out, records: int, couplings: list) -> None:
         """A module whose forward couples its channels is a norm the pruned model runs on fewer channels when it
@@ -350,13 +415,18 @@ RUNS = ("meta", "fake", "real")
 
 
 def trace(
-    model: torch.nn.Module, inputs: Sequence[torch.Tensor], fake: bool = True, through_norms: bool = False
+    model: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    fake: bool = True,
+    through_norms: bool = False,
+    bypass: Sequence[str] = (),
 ) -> ChannelGraph:
     """Run `model(*inputs)` in eval mode without gradients and return its channel graph.
 
     With `fake`, activations carry shapes and dtypes but no data (see `RUNS`), so tracing costs the same at any
     input resolution or batch size; a model whose forward looks at values falls back to a real run. The model's
-    train/eval modes are restored afterwards; nothing else about it changes.
+    train/eval modes are restored afterwards; nothing else about it changes. The modules named in `bypass` (blocks
+    to drop) return their input instead of running.
 
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
     >>> graph = trace(net, [torch.rand(1, 3, 5, 5)])
@@ -368,16 +438,21 @@ def trace(
     if fake:
         for run in RUNS[:-1]:
             try:
-                return _trace(model, inputs, run, through_norms)
+                return _trace(model, inputs, run, through_norms, bypass)
             except Exception:  # data-dependent control flow, mixed devices, ops without a meta kernel, ...
                 pass
-    return _trace(model, inputs, "real", through_norms)
+    return _trace(model, inputs, "real", through_norms, bypass)
 
 
-def _trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], run: str, through_norms: bool) -> ChannelGraph:
+def _trace(
+    model: torch.nn.Module, inputs: Sequence[torch.Tensor], run: str, through_norms: bool, bypass: Sequence[str]
+) -> ChannelGraph:
     twins = _meta_twins(model) if run == "meta" else {}
     tracer = Tracer(model, twins, through_norms)
     modes = {m: m.training for m in tracer.modules.values()}
+    bypassed = [tracer.modules[name] for name in bypass]
+    for module in bypassed:
+        module.forward = _passes_input
     # Global hooks, not hooks on the model: they see every module's forward and leave the model untouched.
     hooks = [register_module_forward_pre_hook(tracer.enter), register_module_forward_hook(tracer.leave)]
     # Under the fake mode parameters stay real (their identity names them); it converts them on the fly.
@@ -396,6 +471,8 @@ def _trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], run: str, thr
             handle.remove()
         for m, training in modes.items():
             m.training = training
+        for module in bypassed:
+            del module.forward
     for t in tree_leaves(out):
         cmap = tracer.channels(t)
         if cmap is not None:
@@ -405,6 +482,11 @@ def _trace(model: torch.nn.Module, inputs: Sequence[torch.Tensor], run: str, thr
     _tie_shared_axes(tracer.graph)
     _link_key_value_heads(tracer.graph)
     return tracer.graph
+
+
+def _passes_input(x, *args, **kwargs):
+    """The forward of a block that is bypassed: its input goes on."""
+    return x
 
 
 def _arguments(args: tuple, kwargs: dict) -> list:

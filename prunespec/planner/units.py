@@ -1,6 +1,6 @@
-"""Choose whole attention heads (or key/value heads) to prune by an importance criterion, for `select`.
+"""Choose whole units to prune by an importance criterion, for `select`: attention heads, key/value heads, blocks.
 
-Start with `HeadChoice`. Every attention the trace found (`graph.Heads`) is one group of candidates: its query
+Start with `HeadChoice`; `BlockChoice` is the same for residual blocks. Every attention the trace found (`graph.Heads`) is one group of candidates: its query
 heads (``unit="heads"``) or its key/value heads (``unit="kv_heads"``). A head's weights are the rows of the
 projections that make it and the columns of the output projection that read it, found through the slot that
 stands for the head; under grouped-query attention a key/value head also stands for its group of query heads.
@@ -24,8 +24,9 @@ from prunespec.planner.criteria import CRITERIA
 from prunespec.planner.graph import ChannelGraph, Heads
 from prunespec.planner.select import prune_count
 
-UNITS = ("channels", "heads", "kv_heads")
+UNITS = ("channels", "heads", "kv_heads", "blocks")
 HEAD_CRITERIA = ("l1", "l2", "fpgm", "lamp", "output", "random")
+BLOCK_CRITERIA = ("influence", "random")
 
 Pairs = list[tuple[str, int]]
 
@@ -252,3 +253,55 @@ def _counts(attentions, scores, amount: float, scope: str, round_to: int, kv: bo
             k -= step
         counts.append(min(k, n - step))
     return counts
+
+
+class BlockChoice:
+    """The residual blocks of a model, scored, and the least important ones for a given amount.
+
+    ``influence`` is ShortGPT's Block Influence: one minus the cosine similarity between a block's input and output
+    (along the channels, averaged over tokens or positions and over the calibration batches). A block that barely
+    changes its input matters little. ``random`` is a seeded draw.
+    """
+
+    def __init__(self, model, graph: ChannelGraph, criterion: str, exclude: Iterable[str], batches, progress, seed,
+                 notes: list[str]) -> None:  # fmt: skip
+        if criterion not in BLOCK_CRITERIA:
+            raise PlanError(f"criterion {criterion!r} does not score blocks; use one of {', '.join(BLOCK_CRITERIA)}")
+        found = [name for name, why in graph.blocks.items() if why is None]
+        # The smallest blocks: a stack of blocks is a block too, but dropping it is dropping them all.
+        blocks = [b for b in found if not any(o.startswith(f"{b}.") for o in found)]
+        patterns = list(exclude)
+        self.blocks = [b for b in blocks if not any(fnmatch.fnmatchcase(b, p) for p in patterns)]
+        if not self.blocks:
+            raise PlanError("no residual block to drop was traced in this model (a block's output is its input plus "
+                            "a branch)")  # fmt: skip
+        if criterion == "random":
+            self.scores = torch.rand(len(self.blocks), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        else:
+            self.scores = _influence(model, self.blocks, batches, progress)
+
+    def pick(self, amount: float) -> list[str]:
+        """The `amount` of the blocks that matter least (rounded half up; at least one block stays)."""
+        count = min(math.floor(amount * len(self.blocks) + 0.5), len(self.blocks) - 1)
+        order = torch.argsort(self.scores, stable=True)[:count].tolist()
+        return [self.blocks[i] for i in sorted(order)]
+
+
+def _influence(model, blocks: list[str], batches, progress) -> torch.Tensor:
+    """1 - cos(input, output) of each block, along the channels (axis 1 of images, the last axis of tokens)."""
+    modules = dict(model.named_modules())
+    totals = torch.zeros(len(blocks), dtype=torch.float64)
+    counts = torch.zeros(len(blocks), dtype=torch.float64)
+
+    def record(i: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        axis = 1 if x.ndim == 4 else -1
+        similarity = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=axis)
+        totals[i] += (1 - similarity).sum()
+        counts[i] += similarity.numel()
+
+    handles = [
+        modules[name].register_forward_hook(lambda m, args, out, i=i: record(i, args[0], out))
+        for i, name in enumerate(blocks)
+    ]
+    _run(model, batches, progress, handles)
+    return totals / counts.clamp_min(1)

@@ -92,6 +92,8 @@ class Request(_Struct):
     through_norms: bool = msgspec.field(default=False)
     """Whether channels that norms normalise together may be pruned, the norms then normalising over the kept
     ones (since schema 1.3)."""
+    pruned_blocks: list[str] = msgspec.field(default_factory=list)
+    """Residual blocks to drop, by module name (since schema 1.3)."""
 
 
 class KeptChannels(_Struct):
@@ -189,6 +191,16 @@ class NormFold(_Struct):
     into: str
 
 
+class DroppedBlock(_Struct):
+    """A residual block the pruned model no longer runs (since schema 1.3): its output was its input plus a branch,
+    so without it the input goes on. `how` it goes: "removed" from its `ModuleList` (the blocks after it move up
+    one place, their state_dict keys too, and what counts them follows: each one's `layer_idx`, the model config's
+    `num_hidden_layers` and `layer_types`), or replaced by an "identity" (every other key stays)."""
+
+    module: str
+    how: Literal["removed", "identity"]
+
+
 class Summary(_Struct):
     """Size of the model before and after pruning (multiply-accumulates for the example inputs)."""
 
@@ -216,6 +228,7 @@ class PruningSpec(_Struct):
     fingerprint: dict[str, TensorType]
     kept: list[KeptChannels] = msgspec.field(default_factory=list)
     norm_folds: list[NormFold] = msgspec.field(default_factory=list)
+    dropped_blocks: list[DroppedBlock] = msgspec.field(default_factory=list)
     schema_version: str = SCHEMA_VERSION
     generator: str = "prunespec"
 
@@ -231,7 +244,8 @@ class PruningSpec(_Struct):
 def _ordered(spec: PruningSpec) -> dict[str, Any]:
     """Builtins in reading order: version first, the long fingerprint last."""
     data = msgspec.to_builtins(spec)
-    head = ["schema_version", "generator", "model", "inputs", "request", "summary", "kept", "layers", "norm_folds"]
+    head = ["schema_version", "generator", "model", "inputs", "request", "summary", "kept", "dropped_blocks", "layers",
+            "norm_folds"]  # fmt: skip
     return {key: data[key] for key in head + [k for k in data if k not in head]}
 
 
@@ -511,10 +525,11 @@ def _from_1_1(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _from_1_2(raw: dict[str, Any]) -> dict[str, Any]:
-    """1.2 -> 1.3: requests gain `pruned_heads`, `pruned_kv_heads` and `through_norms`, layers `heads` and
-    `normalises`, and kept channels the sides "heads" and "key_value_heads"; all stay absent (false).
+    """1.2 -> 1.3: requests gain `pruned_heads`, `pruned_kv_heads`, `through_norms` and `pruned_blocks`, layers
+    `heads` and `normalises`, the spec `dropped_blocks`, and kept channels the sides "heads" and "key_value_heads";
+    all stay empty.
 
-    Lost: nothing. A 1.2 file was planned without heads and without pruning through norms.
+    Lost: nothing. A 1.2 file was planned without heads, blocks, or pruning through norms.
     """
     return {**raw, "schema_version": "1.3"}
 
