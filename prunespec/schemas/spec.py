@@ -229,6 +229,11 @@ class PruningSpec(_Struct):
     kept: list[KeptChannels] = msgspec.field(default_factory=list)
     norm_folds: list[NormFold] = msgspec.field(default_factory=list)
     dropped_blocks: list[DroppedBlock] = msgspec.field(default_factory=list)
+    config: dict[str, int | list[str]] = msgspec.field(default_factory=dict)
+    """The values of the model's configuration (a Hugging Face `config.json`) that change when every layer of
+    its stacks ends up the same size, so that the config alone describes the pruned model (since schema 1.3):
+    `num_attention_heads`, `num_key_value_heads`, `intermediate_size`, `hidden_size`, `num_hidden_layers`,
+    `layer_types`. Empty when the layers differ, or the model has no such config."""
     schema_version: str = SCHEMA_VERSION
     generator: str = "prunespec"
 
@@ -244,8 +249,8 @@ class PruningSpec(_Struct):
 def _ordered(spec: PruningSpec) -> dict[str, Any]:
     """Builtins in reading order: version first, the long fingerprint last."""
     data = msgspec.to_builtins(spec)
-    head = ["schema_version", "generator", "model", "inputs", "request", "summary", "kept", "dropped_blocks", "layers",
-            "norm_folds"]  # fmt: skip
+    head = ["schema_version", "generator", "model", "inputs", "request", "summary", "kept", "dropped_blocks", "config",
+            "layers", "norm_folds"]  # fmt: skip
     return {key: data[key] for key in head + [k for k in data if k not in head]}
 
 
@@ -526,8 +531,8 @@ def _from_1_1(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _from_1_2(raw: dict[str, Any]) -> dict[str, Any]:
     """1.2 -> 1.3: requests gain `pruned_heads`, `pruned_kv_heads`, `through_norms` and `pruned_blocks`, layers
-    `heads` and `normalises`, the spec `dropped_blocks`, and kept channels the sides "heads" and "key_value_heads";
-    all stay empty.
+    `heads` and `normalises`, the spec `dropped_blocks` and `config`, and kept channels the sides "heads" and
+    "key_value_heads"; all stay empty.
 
     Lost: nothing. A 1.2 file was planned without heads, blocks, or pruning through norms.
     """
