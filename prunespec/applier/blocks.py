@@ -3,8 +3,8 @@
 Start with `check_blocks`, which `prune` and `mock` call before changing anything. A block is either *removed* from
 its `nn.ModuleList` (the blocks after it move up one place, with their state_dict keys; `renamed_key` says where a
 key went) or replaced by `Skipped`, an identity. Code around a `ModuleList` of layers counts them: each layer's
-`layer_idx` (which a key/value cache is indexed by) and a Hugging Face config's `num_hidden_layers` and
-`layer_types`; `drop_blocks` keeps them in step, and `config_changes` works out the same for a `config.json`.
+`layer_idx` (which a key/value cache is indexed by), which `drop_blocks` keeps in step, and a Hugging Face config's
+`num_hidden_layers` and `layer_types`, which the planner works out with `config_changes` and the spec records.
 """
 
 from __future__ import annotations
@@ -70,23 +70,14 @@ def drop_blocks(model: nn.Module, drops: list[BlockDrop]) -> None:
             setattr(drop.parent, drop.child, Skipped())
         else:
             lists.setdefault(id(drop.parent), (drop.parent, []))[1].append(int(drop.child))
-    config = getattr(model, "config", None)
     for container, removed in lists.values():
-        length = len(container)
-        kept = [i for i in range(length) if i not in removed]
+        kept = [i for i in range(len(container)) if i not in removed]
         for new, old in enumerate(kept):
             for module in container[old].modules():
                 if module.__dict__.get("layer_idx") == old:
                     module.layer_idx = new
         for i in sorted(removed, reverse=True):
             del container[i]
-        if config is not None:
-            for key, value in config_changes(_config_values(config), length, removed).items():
-                setattr(config, key, value)
-
-
-def _config_values(config: Any) -> dict[str, Any]:
-    return {key: getattr(config, key, None) for key in ("num_hidden_layers", "layer_types")}
 
 
 def config_changes(config: Mapping[str, Any], length: int, removed: list[int]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ for inference: see `fold`).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from torch import nn
@@ -15,6 +16,7 @@ from torch import nn
 from prunespec.applier.blocks import check_blocks, drop_blocks
 from prunespec.applier.fold import check_folds, fold
 from prunespec.applier.validate import INDICES_BUFFER, InputGather, check
+from prunespec.errors import SpecError
 from prunespec.schemas import PruningSpec
 
 
@@ -36,6 +38,7 @@ def prune(model: nn.Module, spec: PruningSpec, fold_norms: bool = False) -> nn.M
     """
     changes = check(model, spec)
     drops = check_blocks(model, spec)
+    config = check_config(model, spec)
     folds = check_folds(model, spec, changes) if fold_norms else []
     # A tensor that several modules share (tied input and output embeddings) stays shared: the first pruned copy
     # of it replaces it everywhere.
@@ -58,7 +61,22 @@ def prune(model: nn.Module, spec: PruningSpec, fold_norms: bool = False) -> nn.M
             _install_subselection(module, change.input)
     fold(folds)
     drop_blocks(model, drops)
+    for key, (_, after) in spec.config.items():
+        setattr(config, key, copy.deepcopy(after))
     return model
+
+
+def check_config(model: nn.Module, spec: PruningSpec) -> Any:
+    """The model's config, whose values the spec changes; `SpecError` unless each is what the spec says it was."""
+    if not spec.config:
+        return None
+    config = getattr(model, "config", None)
+    if config is None:
+        raise SpecError(f"config: the spec changes {', '.join(spec.config)} of a config, but the model has none")
+    for key, (before, _) in spec.config.items():
+        if getattr(config, key, None) != before:
+            raise SpecError(f"config: {key} is {getattr(config, key, None)!r} in the model but {before!r} in the spec")
+    return config
 
 
 def build_pruned(model: nn.Module, spec: PruningSpec, fold_norms: bool = False) -> nn.Module:

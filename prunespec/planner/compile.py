@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from prunespec.applier.blocks import config_changes
 from prunespec.applier.rules import HEAD_ATTRIBUTES, head_attribute, rule_for
 from prunespec.errors import PlanError
 from prunespec.planner.graph import ChannelGraph
@@ -96,7 +97,27 @@ def compile_spec(
         norm_folds=[NormFold(fold.norm, fold.into) for fold in graph.folds],
         generator=f"prunespec {_version()}",
         dropped_blocks=[DroppedBlock(name, _how_dropped(model, name)) for name in blocks],
+        config=_config_changes(model, blocks),
+        tied=dict(graph.aliases_of(model)),
     )
+
+
+def _config_changes(model: torch.nn.Module, blocks: Sequence[str]) -> dict[str, tuple]:
+    """What the model's config says once the blocks removed from its `ModuleList`s are gone: (before, after)."""
+    config = getattr(model, "config", None)
+    if config is None or not blocks:
+        return {}
+    removed: dict[str, list[int]] = {}
+    for name in blocks:
+        parent, _, index = name.rpartition(".")
+        if isinstance(model.get_submodule(parent), torch.nn.ModuleList):
+            removed.setdefault(parent, []).append(int(index))
+    values = {key: getattr(config, key, None) for key in ("num_hidden_layers", "layer_types")}
+    changes = {}
+    for parent, indices in removed.items():
+        for key, value in config_changes(values, len(model.get_submodule(parent)), indices).items():
+            changes[key] = (values[key], value)
+    return changes
 
 
 def _how_dropped(model: torch.nn.Module, name: str) -> str:

@@ -268,3 +268,7 @@ class ChannelGraph:
     blocks: dict[str, str | None] = field(default_factory=dict)
     # Names of tensors that several modules share -> the first name (`model.named_parameters()` order).
     aliases: dict[str, str] = field(default_factory=dict)
+
+    def aliases_of(self, model) -> list[tuple[str, str]]:
+        """The further names of shared tensors, each with its first name, in `state_dict` order."""
+        return [(name, first) for name, first in self.aliases.items() if name != first]

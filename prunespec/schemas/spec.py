@@ -201,6 +201,9 @@ class DroppedBlock(_Struct):
     how: Literal["removed", "identity"]
 
 
+ConfigValue = int | list[str]
+
+
 class Summary(_Struct):
     """Size of the model before and after pruning (multiply-accumulates for the example inputs)."""
 
@@ -229,11 +232,14 @@ class PruningSpec(_Struct):
     kept: list[KeptChannels] = msgspec.field(default_factory=list)
     norm_folds: list[NormFold] = msgspec.field(default_factory=list)
     dropped_blocks: list[DroppedBlock] = msgspec.field(default_factory=list)
-    config: dict[str, int | list[str]] = msgspec.field(default_factory=dict)
-    """The values of the model's configuration (a Hugging Face `config.json`) that change when every layer of
-    its stacks ends up the same size, so that the config alone describes the pruned model (since schema 1.3):
-    `num_attention_heads`, `num_key_value_heads`, `intermediate_size`, `hidden_size`, `num_hidden_layers`,
-    `layer_types`. Empty when the layers differ, or the model has no such config."""
+    config: dict[str, tuple[ConfigValue, ConfigValue]] = msgspec.field(default_factory=dict)
+    """Values of the model's configuration (a Hugging Face `config.json`) before and after pruning (since schema
+    1.3): `num_hidden_layers` and `layer_types` when blocks are removed; `num_attention_heads`,
+    `num_key_value_heads`, `intermediate_size` and `hidden_size` when every layer of the stack ends up the same
+    size, so that the config alone describes the pruned model. Empty for a model without such a config."""
+    tied: dict[str, str] = msgspec.field(default_factory=dict)
+    """Tensors that modules share: each further name -> the first (tied input and output embeddings, which a
+    checkpoint may store once; since schema 1.3)."""
     schema_version: str = SCHEMA_VERSION
     generator: str = "prunespec"
 
@@ -531,8 +537,8 @@ def _from_1_1(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _from_1_2(raw: dict[str, Any]) -> dict[str, Any]:
     """1.2 -> 1.3: requests gain `pruned_heads`, `pruned_kv_heads`, `through_norms` and `pruned_blocks`, layers
-    `heads` and `normalises`, the spec `dropped_blocks` and `config`, and kept channels the sides "heads" and
-    "key_value_heads"; all stay empty.
+    `heads` and `normalises`, the spec `dropped_blocks`, `config` and `tied`, and kept channels the sides "heads"
+    and "key_value_heads"; all stay empty.
 
     Lost: nothing. A 1.2 file was planned without heads, blocks, or pruning through norms.
     """
