@@ -1,9 +1,18 @@
 """Build a model from a command-line specifier and load a checkpoint into it.
 
-Start reading at `load_model`: it parses a specifier (`torchvision:resnet18` or `package.module:callable`), builds
-the module, loads `--weights` if given, and puts the model in eval mode. Every expected failure raises `ModelError`
-with a one-line message that says what is wrong and what a valid form looks like, so the command line can print it
-as is.
+Start reading at `load_model`: it parses a specifier, builds the module, loads `--weights` if given, and puts the
+model in eval mode. Specifiers:
+
+- `torchvision:NAME` and `timm:NAME`: the library's model with random initial weights (no download);
+- `hf:PATH`: a local Hugging Face model folder (config.json and safetensors, single file or sharded), built with
+  the transformers class its config's `architectures` names; `meta=True` builds it on the `meta` device from the
+  config alone, reading no weights, which is how `plan` sees a model of any size;
+- `package.module:callable`: a function or class that returns the model.
+
+`example_inputs` makes the default example input of a model (token ids for a language model, pixel values of the
+configured size for a vision model), and `checkpoint_tensors` reads single tensors of a folder's safetensors files,
+for criteria that score weights of a model planned on `meta`. Every expected failure raises `ModelError` with a
+one-line message that says what is wrong and what a valid form looks like, so the command line can print it as is.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from torch import nn
 
 from prunespec.errors import nearest
 
-VALID_FORMS = "'torchvision:resnet18' or 'package.module:callable'"
+VALID_FORMS = "'torchvision:resnet18', 'timm:vit_tiny_patch16_224', 'hf:path/to/folder' or 'package.module:callable'"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 # A dotted Python path: `package.module` on the left of the colon, `callable` (or `Class.factory`) on the right.
@@ -32,16 +41,20 @@ class ModelError(ValueError):
     """A model specifier or checkpoint that cannot be turned into a model."""
 
 
-def load_model(specifier: str, weights: str | os.PathLike | None = None) -> nn.Module:
-    """Build the model named by `specifier`, load `weights` into it (strictly), and return it in eval mode."""
-    model = build_model(specifier)
+def load_model(specifier: str, weights: str | os.PathLike | None = None, meta: bool = False) -> nn.Module:
+    """Build the model named by `specifier`, load `weights` into it (strictly), and return it in eval mode.
+
+    An `hf:` folder's own weights are loaded unless `meta`, which builds the model on the meta device and reads no
+    weights at all.
+    """
+    model = build_model(specifier, meta=meta)
     if weights is not None:
         load_weights(model, weights)
     return model.eval()
 
 
-def build_model(specifier: str) -> nn.Module:
-    """Build a model from `torchvision:NAME` or `package.module:callable`, with random initial weights.
+def build_model(specifier: str, meta: bool = False) -> nn.Module:
+    """Build a model from a specifier (see the module docstring); library models get random initial weights.
 
     >>> build_model("resnet18")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -53,6 +66,10 @@ def build_model(specifier: str) -> nn.Module:
         raise ModelError(f"model {specifier!r} is not a valid specifier; write it as {VALID_FORMS}")
     if source == "torchvision":
         return _torchvision_model(name)
+    if source == "timm":
+        return _timm_model(name)
+    if source == "hf":
+        return _hf_model(name, meta)
     if not re.fullmatch(_DOTTED, source) or not re.fullmatch(_DOTTED, name):
         raise ModelError(f"model {specifier!r} is not a valid specifier; write it as {VALID_FORMS}")
     return _callable_model(specifier, source, name)
@@ -77,6 +94,92 @@ def _torchvision_model(name: str) -> nn.Module:
     if parameter is not None and parameter.kind is not inspect.Parameter.VAR_KEYWORD:
         kwargs["weights_backbone"] = None
     return torchvision.models.get_model(name, **kwargs)
+
+
+def _timm_model(name: str) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ModelError(f"timm is not installed, so 'timm:{name}' cannot be built; install it (pip install timm)") from None
+    known = timm.list_models()
+    if name not in known:
+        raise ModelError(f"timm has no model {name!r}; {nearest(name, known)}")
+    return timm.create_model(name, pretrained=False)
+
+
+def _hf_model(path: str, meta: bool) -> nn.Module:
+    """A local Hugging Face folder's model: from its config on `meta`, or with its weights."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"'hf:{path}' is not a Hugging Face model folder: it has no config.json")
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError(f"transformers is not installed, so 'hf:{path}' cannot be built; install it") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        raise ModelError(f"cannot read hf:{path}/config.json: {_first_line(e)}") from e
+    architectures = getattr(config, "architectures", None) or []
+    cls = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
+    if cls is None:
+        raise ModelError(f"hf:{path}: its config names no architecture this transformers has ({architectures})")
+    if meta:
+        with torch.device("meta"):
+            return cls(config)
+    if not any(folder.glob("*.safetensors")):
+        raise ModelError(f"hf:{path} has no safetensors weights; only the config was found")
+    try:
+        return cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    except Exception as e:
+        raise ModelError(f"cannot load the weights of hf:{path}: {_first_line(e)}") from e
+
+
+def example_inputs(model: nn.Module, specifier: str) -> list[torch.Tensor] | None:
+    """A model's default example input, or None when it has none (then `--input-shape` says).
+
+    A Hugging Face language model takes a short batch of token ids, a vision model pixel values of its configured
+    image size; a timm model the input size of its pretrained configuration.
+    """
+    source = specifier.partition(":")[0]
+    generator = torch.Generator().manual_seed(0)
+    config = getattr(model, "config", None)
+    if source == "hf" and config is not None:
+        if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+            vision = getattr(config, "vision_config", config)
+            size = getattr(vision, "image_size", 224)
+            size = size if isinstance(size, int) else size[0]
+            channels = getattr(vision, "num_channels", 3)
+            return [torch.randn(1, channels, size, size, generator=generator)]
+        vocabulary = getattr(config, "vocab_size", None) or 2
+        return [torch.randint(0, vocabulary, (1, 8), generator=generator)]
+    if source == "timm":
+        size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))
+        return [torch.randn(1, *size, generator=generator)]
+    return None
+
+
+def checkpoint_tensors(folder: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    """The tensors of a folder's safetensors files by name, each read from disk when asked for."""
+    from safetensors import safe_open
+
+    files = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            files.update(dict.fromkeys(f.keys(), path))
+
+    class Tensors(Mapping):
+        def __getitem__(self, name: str) -> torch.Tensor:
+            with safe_open(str(files[name]), framework="pt") as f:
+                return f.get_tensor(name)
+
+        def __iter__(self):
+            return iter(files)
+
+        def __len__(self) -> int:
+            return len(files)
+
+    return Tensors()
 
 
 def _callable_model(specifier: str, module_name: str, attribute_path: str) -> nn.Module:

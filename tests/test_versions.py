@@ -106,7 +106,8 @@ def test_migrating_1_2_keeps_every_field_and_prunes_no_heads(path):
 
 def _migrated(raw: dict) -> dict:
     """An older file as this version reads it: every field kept, the newer ones empty."""
-    request = {"pruned_heads": [], "pruned_kv_heads": [], "through_norms": False, "pruned_blocks": [], **raw["request"]}
+    request = {"pruned_heads": [], "pruned_kv_heads": [], "through_norms": False, "pruned_blocks": [],
+               "uniform": False, **raw["request"]}  # fmt: skip
     newer = {"norm_folds": [], "dropped_blocks": [], "config": {}, "tied": {}}
     return {**newer, **raw, "request": request, "schema_version": SCHEMA_VERSION}
 

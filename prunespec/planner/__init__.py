@@ -14,6 +14,7 @@ import torch
 
 from prunespec.errors import PlanError, nearest
 from prunespec.planner.compile import channel_requests, compile_spec
+from prunespec.planner.config import described
 from prunespec.planner.graph import ChannelGraph, Heads, Renorm
 from prunespec.planner.reorder import Layout
 from prunespec.planner.resolve import Units, resolve
@@ -36,6 +37,7 @@ def plan(
     pruned_kv_heads: Channels | None = None,
     through_norms: bool = False,
     pruned_blocks: Iterable[str] | None = None,
+    uniform: bool = False,
 ) -> PruningSpec:
     """Compile "remove these channels" into a spec for `model`.
 
@@ -61,6 +63,10 @@ def plan(
         pruned_blocks: module names of residual blocks to drop: modules whose output the trace shows is their
             input plus a branch (``x + f(x)``), which the pruned model no longer runs. The other requests are
             planned on the model without them.
+        uniform: require that the model's config (a Hugging Face config) can describe the pruned model, every
+            layer of a stack keeping the same sizes, so that `from_pretrained` loads it; raise `PlanError` saying
+            what differs otherwise. Whenever a plan happens to be so, the spec records the config values anyway
+            (`spec.config`, see `config.described`).
 
     With no channels and no heads named, the channels whose weights are all zero are pruned.
 
@@ -98,13 +104,18 @@ def plan(
         pruned_kv_heads=unit_requests(units, "key_value_heads"),
         through_norms=through_norms,
         pruned_blocks=blocks,
+        uniform=uniform,
     )
 
     def compiled() -> tuple[PruningSpec, set[int]]:
         resolution = resolve(graph, requested_inputs, requested_outputs, constrained, units)
         layout = Layout(graph, resolution, reorder)
         spec = compile_spec(model, inputs, graph, resolution, layout, request, blocks, full if blocks else None)
+        # The config values go with the spec the checks below apply: a forward may read its sizes from the config.
+        spec.config, described_not[0] = described(model, spec, inputs, {h.head_dim for h in graph.heads})
         return spec, resolution.dropped
+
+    described_not: list[str | None] = [None]  # why no config describes the last compiled spec
 
     spec, dropped = compiled()
     # Heads are followed on trust too: the applier sets the head counts the planner found in attributes, and the
@@ -121,6 +132,8 @@ def plan(
         spec, dropped = compiled()
     if blocks:
         _check_dropped_blocks(model, inputs, spec)
+    if uniform and described_not[0] is not None:
+        raise PlanError(f"uniform: no config describes the pruned model: {described_not[0]}")
     if strict and spec.kept:
         first = spec.kept[0]
         more = f" (and {len(spec.kept) - 1} more groups)" if len(spec.kept) > 1 else ""

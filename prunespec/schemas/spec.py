@@ -94,6 +94,8 @@ class Request(_Struct):
     ones (since schema 1.3)."""
     pruned_blocks: list[str] = msgspec.field(default_factory=list)
     """Residual blocks to drop, by module name (since schema 1.3)."""
+    uniform: bool = msgspec.field(default=False)
+    """Whether the plan had to be one the model's config can describe (since schema 1.3)."""
 
 
 class KeptChannels(_Struct):
@@ -201,7 +203,7 @@ class DroppedBlock(_Struct):
     how: Literal["removed", "identity"]
 
 
-ConfigValue = int | list[str]
+ConfigValue = int | list[str] | None  # None: the key is not in the config
 
 
 class Summary(_Struct):
