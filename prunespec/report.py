@@ -22,6 +22,7 @@ from prunespec.review import (
     layer_table,
     predates_layer_macs,
     relative_change,
+    unit_lines,
 )
 from prunespec.schemas import PruningSpec, decode_runs
 
@@ -204,6 +205,16 @@ def _kept(spec: PruningSpec) -> str:
     return intro + _table(["tensor", "side", "channels", "reason"], body)
 
 
+def _units(spec: PruningSpec) -> list[str]:
+    """A section for each kind of unit beyond channels: heads, norms, dropped blocks, config values."""
+    return [
+        f"<section><h2>{html.escape(title[:1].upper() + title[1:])}</h2><ul>"
+        + "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+        + "</ul></section>"
+        for title, lines in unit_lines(spec)
+    ]
+
+
 def render_html(spec: PruningSpec) -> str:
     """A self-contained HTML page of what `spec` does.
 
@@ -253,6 +264,7 @@ def render_html(spec: PruningSpec) -> str:
             *(f'<p class="note">{escape(note)}</p>' for note in notes),
             "</header>",
             f'<section id="chart"><h2>Channels and MACs per layer</h2>{chart}</section>',
+            *_units(spec),
             f'<section id="kept"><h2>Kept channels</h2>{_kept(spec)}</section>',
             f'<section id="gathers"><h2>Activation subselections</h2>{_gathers(spec, rows)}</section>',
             f'<section id="layers"><h2>Every touched layer</h2>{_table(head, body)}</section>',

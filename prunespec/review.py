@@ -17,6 +17,8 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
+import msgspec
+
 from prunespec.schemas import LayerSpec, PruningSpec, decode_runs, encode_runs, parse_runs
 
 FORMATS = ("text", "markdown", "json")
@@ -168,6 +170,39 @@ def layer_table(rows: list[LayerRow]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
+def unit_lines(spec: PruningSpec) -> list[tuple[str, list[str]]]:
+    """What the spec does besides channels, as (title, lines): heads, norms over fewer channels, dropped blocks,
+    and the config values that describe the pruned model."""
+    sections = []
+    heads = [(name, layer.heads) for name, layer in spec.layers.items() if layer.heads is not None]
+    if heads:
+        lines = []
+        for name, h in heads:
+            kv = f" (key/value heads {arrow(h.key_value)})" if h.key_value != h.query else ""
+            lines.append(f"{name}: {arrow(h.query)}{kv}, head_dim {h.head_dim}")
+        sections.append((f"attention heads ({len(heads)} attentions lose heads)", lines))
+    norms = [(name, layer.normalises) for name, layer in spec.layers.items() if layer.normalises is not None]
+    if norms:
+        lines = [f"{name}: {arrow(n.channels)}" for name, n in norms]
+        sections.append((f"norms that take their statistics over fewer channels ({len(norms)})", lines))
+    if spec.dropped_blocks:
+        how = {"removed": "removed from its list; the blocks after it move up one place", "identity": "an identity"}
+        lines = [f"{b.module}: {how[b.how]}" for b in spec.dropped_blocks]
+        sections.append((f"dropped blocks ({len(spec.dropped_blocks)})", lines))
+    if spec.config:
+        lines = [f"{key}: {_value(before)} → {_value(after)}" for key, (before, after) in spec.config.items()]
+        sections.append(("config (the pruned model's config.json says)", lines))
+    return sections
+
+
+def _value(value) -> str:
+    if value is None:
+        return "(absent)"
+    if isinstance(value, list):
+        return f"[{len(value)} entries]"
+    return f"{value:,}"
+
+
 def render_show(spec: PruningSpec, fmt: str = "text") -> str:
     """The summary `prunespec show` prints, as text, markdown, JSON or a self-contained HTML page."""
     if fmt == "html":
@@ -188,6 +223,12 @@ def render_show(spec: PruningSpec, fmt: str = "text") -> str:
                 {"tensor": k.tensor, "side": k.side, "channels": k.channels, "reason": k.reason} for k in spec.kept
             ],
             "norm_folds": [{"norm": f.norm, "into": f.into} for f in spec.norm_folds],
+            "heads": {n: msgspec.to_builtins(layer.heads) for n, layer in spec.layers.items() if layer.heads},
+            "normalises": {
+                n: msgspec.to_builtins(layer.normalises) for n, layer in spec.layers.items() if layer.normalises
+            },
+            "dropped_blocks": msgspec.to_builtins(spec.dropped_blocks),
+            "config": msgspec.to_builtins(spec.config),
             "notes": notes,
         }
         return json.dumps(data, indent=2)
@@ -209,9 +250,11 @@ def render_show(spec: PruningSpec, fmt: str = "text") -> str:
         f"batch norms that can be folded for inference (apply --fold-norms): {len(spec.norm_folds)}",
         *notes,
     ]
+    for title, section in unit_lines(spec):
+        lines += ["", f"{title}:", *(f"{'- ' if markdown else '  '}{line}" for line in section)]
     if spec.kept:
-        lines += ["", f"kept {len(spec.kept)} requested group(s) of channels:"]
-        lines += [f"  {k.tensor} {k.side} channels {k.channels}: {k.reason}" for k in spec.kept]
+        lines += ["", f"kept {len(spec.kept)} requested group(s) of channels or heads:"]
+        lines += [f"  {k.tensor} {k.side.replace('_', ' ')} {k.channels}: {k.reason}" for k in spec.kept]
     if markdown:
         lines = [line if line.startswith(("|", "#")) or not line else line + "  " for line in lines]
     return "\n".join(lines) + "\n"
@@ -259,6 +302,7 @@ class SpecDiff:
     other: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # layer -> (what, how): attributes, input
     summary: dict[str, tuple[int, int]] = field(default_factory=dict)  # summary field -> (old, new), when different
     request: list[str] = field(default_factory=list)  # what differs in the request, in words
+    model: list[str] = field(default_factory=list)  # what differs beyond layers (dropped blocks, config), in words
 
     @property
     def same_model(self) -> bool:
@@ -266,7 +310,8 @@ class SpecDiff:
 
     @property
     def equal(self) -> bool:
-        return self.same_model and not (self.added or self.removed or self.changed or self.summary or self.request)
+        differ = self.added or self.removed or self.changed or self.summary or self.request or self.model
+        return self.same_model and not differ
 
 
 def _runs_or_all(runs: str | None, size: int) -> list[int]:
@@ -322,6 +367,14 @@ def diff_specs(old: PruningSpec, new: PruningSpec) -> SpecDiff:
         before, after = getattr(old.summary, key), getattr(new.summary, key)
         if before != after:
             result.summary[key] = (before, after)
+    blocks = [{b.module: b.how for b in spec.dropped_blocks} for spec in (old, new)]
+    for module in dict.fromkeys([*blocks[0], *blocks[1]]):
+        if blocks[0].get(module) != blocks[1].get(module):
+            result.model.append(f"block {module}: {blocks[0].get(module, 'kept')} → {blocks[1].get(module, 'kept')}")
+    for key in dict.fromkeys([*old.config, *new.config]):
+        a, b = old.config.get(key, (None, None))[1], new.config.get(key, (None, None))[1]
+        if a != b:
+            result.model.append(f"config {key}: {_value(a)} → {_value(b)}")
     return result
 
 
@@ -355,14 +408,36 @@ def _other_changes(a: LayerSpec, b: LayerSpec) -> list[tuple[str, str]]:
         changes.append(("attributes", ", ".join(how)))
     if a.input != b.input:
         changes.append(("input subselection", f"{_subselection(a)} → {_subselection(b)}"))
+    if a.heads != b.heads:
+        changes.append(("heads", f"{_heads(a)} → {_heads(b)}"))
+    if a.normalises != b.normalises:
+        changes.append(("normalises", f"{_norm(a)} → {_norm(b)}"))
     return changes
+
+
+def _heads(layer: LayerSpec) -> str:
+    h = layer.heads
+    return "all kept" if h is None else f"{h.query[1]} of {h.query[0]} (key/value {h.key_value[1]} of {h.key_value[0]})"
+
+
+def _norm(layer: LayerSpec) -> str:
+    n = layer.normalises
+    return "all channels" if n is None else f"{n.channels[1]} of {n.channels[0]} channels"
 
 
 def _request_changes(old: PruningSpec, new: PruningSpec) -> list[str]:
     """What differs between the two requests, in words: the export mode's flags and the tensors asked about."""
     a, b = old.request, new.request
-    words = [f"{key} {getattr(a, key)} → {getattr(b, key)}" for key in ("constrained", "reorder", "zeroed")
-             if getattr(a, key) != getattr(b, key)]  # fmt: skip
+    flags = ("constrained", "reorder", "zeroed", "through_norms", "uniform")
+    words = [f"{key} {getattr(a, key)} → {getattr(b, key)}" for key in flags if getattr(a, key) != getattr(b, key)]
+    for key in ("pruned_heads", "pruned_kv_heads"):
+        asked_a = {r.module: r.indices for r in getattr(a, key)}
+        asked_b = {r.module: r.indices for r in getattr(b, key)}
+        differ = sum(asked_a.get(m) != asked_b.get(m) for m in asked_a.keys() | asked_b.keys())
+        if differ:
+            words.append(f"{key.replace('_', ' ')}: {differ} of {len(asked_a.keys() | asked_b.keys())} modules differ")
+    if a.pruned_blocks != b.pruned_blocks:
+        words.append(f"pruned blocks: {', '.join(a.pruned_blocks) or 'none'} → {', '.join(b.pruned_blocks) or 'none'}")
     for key in ("pruned_inputs", "pruned_outputs"):
         asked_a = {r.tensor: r.channels for r in getattr(a, key)}
         asked_b = {r.tensor: r.channels for r in getattr(b, key)}
@@ -409,6 +484,8 @@ def verdict(d: SpecDiff) -> str:
         if key in d.summary:
             before, after = d.summary[key]
             parts.append(f"{label} {before:,} → {after:,} ({after - before:+,})")
+    if d.model:
+        parts.append(f"{len(d.model)} block or config changes")
     if d.request and not parts:
         parts.append("the request differs but the result is the same")
     if not parts:
@@ -464,6 +541,8 @@ def render_diff(d: SpecDiff, fmt: str = "text", names: tuple[str, str] = ("OLD",
         blocks.append(("summary", [f"{key}: {relative_change(*pair)}" for key, pair in d.summary.items()]))
     if d.request:
         blocks.append(("request", d.request))
+    if d.model:
+        blocks.append(("blocks and config", d.model))
     if d.fingerprint:
         shown = d.fingerprint if cap is None else d.fingerprint[:cap]
         items = [f"{code(c.tensor)}: {c.old or 'absent'} → {c.new or 'absent'}" for c in shown]

@@ -36,15 +36,22 @@ def described(model: torch.nn.Module, spec: PruningSpec, inputs, head_dims: set[
         return dict(spec.config), None if config is not None or not spec.layers else "the model has no config"
     if spec.summary.subselections:
         return dict(spec.config), "the plan gathers activations, which no config says"
+    # The sizes are solved from the config with the blocks already gone (the layer counts the spec records).
+    without_blocks = copy.deepcopy(model.config)
+    for key, (_, after) in spec.config.items():
+        setattr(without_blocks, key, copy.deepcopy(after))
     try:
         pruned = _shapes(build_pruned(_built(model, model.config), spec))
-        base = _shapes(_built(model, model.config))
+        base = _shapes(_built(model, without_blocks))
     except Exception as e:  # a model that cannot be built from its config
         return dict(spec.config), f"the model cannot be built from its config ({_first_line(e)})"
-    config, proposals = _with_head_dim(model, head_dims, base)
+    config, proposals = _with_head_dim(without_blocks, model, head_dims, base)
     # head_dim never changes (pruning takes or leaves whole heads): it stays out of the sizes solved for.
     keys = {k: v for k, v in config.to_dict().items() if k in CONFIG_SIZES and k != "head_dim" and type(v) is int}
-    for key, after in _solved(model, config, keys, base, pruned).items():
+    solved, conflict = _solved(model, config, keys, base, pruned)
+    if conflict is not None:
+        return dict(spec.config), conflict
+    for key, after in solved.items():
         proposals[key] = (keys[key], after)
     if pruned == base:
         return dict(spec.config), None
@@ -109,11 +116,10 @@ def _runs_differently(model, spec: PruningSpec, config, inputs) -> str | None:
     return None
 
 
-def _with_head_dim(model, head_dims: set[int], base: dict) -> tuple:
-    """The config with `head_dim` written out, when it is not and the model reads it (so that the head count alone
+def _with_head_dim(config, model, head_dims: set[int], base: dict) -> tuple:
+    """`config` with `head_dim` written out, when it is not and the model reads it (so that the head count alone
     gives the projections' widths, whatever the hidden width), and the proposal that writes it; else the config as
     it is."""
-    config = model.config
     if "head_dim" in config.to_dict() or len(head_dims) != 1:
         return config, {}
     written = copy.deepcopy(config)
@@ -125,7 +131,7 @@ def _with_head_dim(model, head_dims: set[int], base: dict) -> tuple:
     return (written, {"head_dim": (None, written.head_dim)}) if same else (config, {})
 
 
-def _solved(model, config, keys: dict[str, int], base: dict, pruned: dict) -> dict[str, int]:
+def _solved(model, config, keys: dict[str, int], base: dict, pruned: dict) -> tuple[dict[str, int], str | None]:
     """New values of `keys` under which every axis they give has the pruned model's size, where there are such.
 
     An axis may take its size from several keys (a fused projection: heads and key/value heads), so the sizes are
@@ -135,7 +141,7 @@ def _solved(model, config, keys: dict[str, int], base: dict, pruned: dict) -> di
     reach = {key: axes for key, axes in reach.items() if axes}
     axes = sorted({(name, axis) for found in reach.values() for name, axis, _ in found})
     if not axes:
-        return {}
+        return {}, None
     names = list(reach)
     slopes = torch.zeros(len(axes), len(names), dtype=torch.float64)
     row = {a: i for i, a in enumerate(axes)}
@@ -144,9 +150,15 @@ def _solved(model, config, keys: dict[str, int], base: dict, pruned: dict) -> di
             slopes[row[(name, axis)], j] = slope
     change = torch.tensor([pruned[n][a] - base[n][a] if n in pruned else 0 for n, a in axes], dtype=torch.float64)
     solution = torch.linalg.lstsq(slopes, change[:, None]).solution[:, 0].round()
-    if not torch.equal(slopes @ solution, change):
-        return {}
-    return {key: keys[key] + int(d) for key, d in zip(names, solution.tolist()) if d}
+    missed = (slopes @ solution != change).nonzero().flatten().tolist()
+    if missed:
+        name, axis = axes[missed[0]]
+        size = base[name][axis] + int(change[missed[0]])
+        return {}, (
+            f"{name} axis {axis} is {size} in the pruned model, but {base[name][axis] + int((slopes @ solution)[missed[0]])}"
+            " with any one value of the config's sizes (the layers of a stack keep different sizes)"
+        )
+    return {key: keys[key] + int(d) for key, d in zip(names, solution.tolist()) if d}, None
 
 
 def _reach(model, config, key: str, start: int, base: dict) -> list[tuple[str, int, int]]:
