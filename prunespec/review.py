@@ -104,6 +104,31 @@ def layer_rows(spec: PruningSpec) -> list[LayerRow]:
     return rows
 
 
+def pruned_shapes(spec: PruningSpec) -> dict[str, tuple[int, ...]]:
+    """The shape of every state_dict entry of the pruned model, by its key there, from the spec alone.
+
+    >>> from prunespec.schemas import LayerSpec, PruningSpec, Request, Summary
+    >>> spec = PruningSpec(model="Net", inputs=[], request=Request([], [], False, True),
+    ...     summary=Summary(0, 0, 0, 0, 0), fingerprint={"c.weight": "float32[8,4,3,3]", "c.bias": "float32[8]"},
+    ...     layers={"c": LayerSpec("Conv2d", {}, {"weight": ["0-5", "1-3"], "bias": ["0-5"]})})
+    >>> pruned_shapes(spec)
+    {'c.weight': (6, 3, 3, 3), 'c.bias': (6,)}
+    """
+    from prunespec.applier.blocks import renamed_key
+
+    shapes = {}
+    for key in spec.fingerprint:
+        now = renamed_key(spec, key)
+        if now is None:
+            continue
+        module, _, local = key.rpartition(".")
+        layer = spec.layers.get(module)
+        axes = layer.tensors.get(local, []) if layer is not None else []
+        shape = _shape(spec, key) or []
+        shapes[now] = tuple(_kept_count(axes[a] if a < len(axes) else None, n) for a, n in enumerate(shape))
+    return shapes
+
+
 def predates_layer_macs(spec: PruningSpec) -> bool:
     """Whether the spec has no per-layer MACs because it was written before schema 1.1 recorded them.
 

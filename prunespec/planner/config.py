@@ -7,7 +7,7 @@ not taken from names: for each key that may give a size (`CONFIG_SIZES`, and `he
 be worked out), the model is built on the `meta` device with that key one larger, and the tensor axes that grow are
 the ones it gives, by how much per unit (`_reach`). The new values then follow from the pruned model's sizes of those
 axes (`_solved`). The proposal is kept only if the model built from the new config has exactly the pruned model's shapes
-(`build_pruned` on meta). Activation subselections are not in any config, so a plan with them is never described.
+(`review.pruned_shapes`). Activation subselections are not in any config, so a plan with them is never described.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import copy
 import msgspec
 import torch
 
-from prunespec.applier import build_pruned
+from prunespec.review import pruned_shapes
 from prunespec.schemas import PruningSpec
 
 # The config keys that may give a size the planner changes: attention heads, key/value heads and widths. Another
@@ -40,12 +40,20 @@ def described(model: torch.nn.Module, spec: PruningSpec, inputs, head_dims: set[
     without_blocks = copy.deepcopy(model.config)
     for key, (_, after) in spec.config.items():
         setattr(without_blocks, key, copy.deepcopy(after))
+    pruned = pruned_shapes(spec)
+    # Which key gives which axis is measured on one layer of the stack (the layers of a stack are alike, and a
+    # model of 80 layers is built in seconds even on meta); the model built from the new config is then checked
+    # whole, so a layer that differs from the others is found there.
+    small = _one_layer(without_blocks)
     try:
-        pruned = _shapes(build_pruned(_built(model, model.config), spec))
-        base = _shapes(_built(model, without_blocks))
-    except Exception as e:  # a model that cannot be built from its config
-        return dict(spec.config), f"the model cannot be built from its config ({_first_line(e)})"
-    config, proposals = _with_head_dim(without_blocks, model, head_dims, base)
+        base = _shapes(_built(model, small))
+    except Exception:  # a model whose config cannot say one layer: measured on them all
+        small = without_blocks
+        try:
+            base = _shapes(_built(model, small))
+        except Exception as e:  # a model that cannot be built from its config
+            return dict(spec.config), f"the model cannot be built from its config ({_first_line(e)})"
+    config, proposals = _with_head_dim(small, model, head_dims, base)
     # head_dim never changes (pruning takes or leaves whole heads): it stays out of the sizes solved for.
     keys = {k: v for k, v in config.to_dict().items() if k in CONFIG_SIZES and k != "head_dim" and type(v) is int}
     solved, conflict = _solved(model, config, keys, base, pruned)
@@ -53,10 +61,12 @@ def described(model: torch.nn.Module, spec: PruningSpec, inputs, head_dims: set[
         return dict(spec.config), conflict
     for key, after in solved.items():
         proposals[key] = (keys[key], after)
-    if pruned == base:
-        return dict(spec.config), None
-    changed = copy.deepcopy(model.config)
-    for key, (_, after) in {**spec.config, **proposals}.items():
+    if not proposals:
+        return dict(spec.config), None if pruned == _shapes(_built(model, without_blocks)) else (
+            "no size of the config changes, but the pruned model's do"
+        )
+    changed = copy.deepcopy(without_blocks)
+    for key, (_, after) in proposals.items():
         setattr(changed, key, copy.deepcopy(after))
     try:
         rebuilt = _shapes(_built(model, changed))
@@ -114,6 +124,17 @@ def _runs_differently(model, spec: PruningSpec, config, inputs) -> str | None:
         if a.shape != b.shape or not torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6 * a.abs().max()):
             return "the model built from the new config computes something else (it works values out of its sizes)"
     return None
+
+
+def _one_layer(config):
+    """`config` with one layer in its stack, if it says how many it has; else `config` itself."""
+    if type(getattr(config, "num_hidden_layers", None)) is not int or config.num_hidden_layers <= 1:
+        return config
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = 1
+    if isinstance(getattr(small, "layer_types", None), list):
+        small.layer_types = small.layer_types[:1]
+    return small
 
 
 def _with_head_dim(config, model, head_dims: set[int], base: dict) -> tuple:
