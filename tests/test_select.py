@@ -45,7 +45,7 @@ def chain(b_columns=None, c_columns=None, width: int = 4) -> Chain:
     return net
 
 
-X = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+X = torch.randn(1, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 # Column j is what b reads from input channel j. l1: [3, 4.4, 10, 1]; l2: [3, 2.2, 7.07, 0.71].
 L1_VS_L2 = [[3, 0, 0, 0], [1.1, 1.1, 1.1, 1.1], [5, 5, 0, 0], [0.5, 0.5, 0, 0]]
 
@@ -212,6 +212,7 @@ def test_global_scope_prunes_the_amount_of_all_channels():
 
 
 def test_round_to_keeps_consumer_inputs_at_multiples():
+    torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     x = torch.randn(1, 3, 64, 64)
     selection = prunespec.select(model, x, "l2", 0.3, round_to=8)
@@ -232,6 +233,7 @@ def test_prune_count_rounds_and_keeps_a_channel():
 
 @pytest.mark.parametrize(("measure", "target"), [("macs", 0.5), ("params", 0.6)])
 def test_budget_search_reaches_the_target(measure, target):
+    torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     x = torch.randn(1, 3, 64, 64)
     selection = prunespec.select(model, x, "l1", None, **{f"target_{measure}": target})
@@ -265,7 +267,7 @@ def test_bad_arguments_are_refused_in_one_line(kwargs, message):
 
 def test_plan_with_a_criterion_from_the_command_line(tmp_path):
     calibration = tmp_path / "cal.pt"
-    torch.save(torch.randn(5, 3, 16, 16), calibration)
+    torch.save(torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(0)), calibration)
     common = ["plan", TINY, "--input-shape", SMALL, "-o", "out.prunespec.json"]
     results = run_all(
         {
@@ -357,7 +359,7 @@ def conv_bn_relu() -> ConvBnRelu:
 
 
 def test_output_side_weights_are_scored_folded_with_their_batch_norm():
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     # Filter norms alone rank channel 0 lowest; folded with the norm's scale |γ|/√(var+ε), channel 3 is the weakest.
     assert prunespec.select(conv_bn_relu(), x, "l2", 0.25, side="output").pruned_outputs == [("conv.weight", 3)]
     assert prunespec.select(conv_bn_relu(), x, "l2", 0.25, side="input").pruned_inputs[0][0] == "conv.weight"
@@ -365,7 +367,7 @@ def test_output_side_weights_are_scored_folded_with_their_batch_norm():
 
 def test_hrank_on_the_output_side_reads_the_maps_after_norm_and_activation():
     # Every channel of the convolution's own output has full-rank maps; after the ReLU, channel 1 is all zeros.
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     chosen = prunespec.select(conv_bn_relu(), x, "hrank", 0.25, side="output").pruned_outputs
     assert chosen == [("conv.weight", 1)]
 
@@ -383,7 +385,7 @@ def test_calibration_batches_that_do_not_fit_are_one_plan_error():
     net = chain()
     before = copy.deepcopy(net.state_dict())
     with pytest.raises(PlanError, match=r"calibration batch 1 \(shape \[2, 5, 4, 4\]\) does not run") as info:
-        prunespec.select(net, X, "hrank", 0.5, calibration=[X, torch.randn(2, 5, 4, 4, dtype=torch.float64)])
+        prunespec.select(net, X, "hrank", 0.5, calibration=[X, torch.zeros(2, 5, 4, 4, dtype=torch.float64)])
     assert "\n" not in str(info.value)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     assert all(not m._forward_pre_hooks for m in net.modules())
