@@ -21,8 +21,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import torch
 import typer
+import typer.core
 from torch import nn
 
 import prunespec
@@ -42,8 +44,30 @@ class CliError(ValueError):
 # Failures the user can fix; anything else is reported as unexpected (still one line, unless --debug).
 EXPECTED_ERRORS = (CliError, ModelError, PlanError, SpecError, OSError)
 
+
+class _FlagsShowNoType:
+    """typer's help prints a value type after each option, `<bool>` after a flag that takes no value; an empty
+    metavar, printed in its place, leaves the flag bare."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Group(_FlagsShowNoType, typer.core.TyperGroup):
+    pass
+
+
+class _Command(_FlagsShowNoType, typer.core.TyperCommand):
+    pass
+
+
 app = typer.Typer(
     name="prunespec",
+    cls=_Group,
     help="Compile channel-pruning requests into versioned spec files, and apply them without re-tracing.",
     no_args_is_help=True,
     add_completion=False,
@@ -54,9 +78,26 @@ app = typer.Typer(
 _debug = False
 
 
+def version_line() -> str:
+    """What `prunespec --version` prints: the package version and the spec schema version it writes."""
+    return f"prunespec {prunespec.__version__} (spec schema {prunespec.SCHEMA_VERSION})"
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
     debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback when a command fails.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Show the version and the spec schema it writes."
+        ),
+    ] = False,
 ) -> None:
     global _debug
     _debug = debug
@@ -540,6 +581,11 @@ def schema_command() -> None:
     from prunespec.schemas import json_schema
 
     sys.stdout.write(json.dumps(json_schema(), indent=2, sort_keys=False) + "\n")
+
+
+# Every command gets the help of `_Command`; set here, after all of them are defined.
+for _registered in app.registered_commands:
+    _registered.cls = _Command
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,24 @@ def test_help_lists_the_commands(tmp_path: Path) -> None:
     assert_ok(result)
     for command in ("plan", "apply", "schema"):
         assert command in result.stdout
+
+
+def test_version_names_the_package_and_the_schema() -> None:
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output == f"prunespec {prunespec.__version__} (spec schema {SCHEMA_VERSION})\n"
+    declared = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
+    assert declared and declared.group(1) == prunespec.__version__
+
+
+COMMANDS = [[], *[[c.name] for c in app.registered_commands]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0] if c else "prunespec")
+def test_help_shows_flags_without_a_value_type(command: list[str]) -> None:
+    result = CliRunner().invoke(app, [*command, "--help"], terminal_width=100)
+    assert result.exit_code == 0
+    assert "--help" in result.output and "<bool>" not in result.output
 
 
 def test_schema_prints_the_json_schema(tmp_path: Path) -> None:
