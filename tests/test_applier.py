@@ -19,7 +19,7 @@ from invariant import assert_matches, max_difference
 from torch import nn
 
 from prunespec.applier import RULES, GENERIC, InputSubselection, Rule, check, mock, prune, rule_for
-from prunespec.applier.validate import _decode_together, decode_kept, select_kept
+from prunespec.applier.validate import _decode_together, decode_kept, problems, select_kept
 from prunespec.errors import SpecError
 from prunespec.schemas import LayerSpec, PruningSpec, Request, Subselection, Summary, encode_runs, parse_runs
 
@@ -340,9 +340,36 @@ def test_spec_applied_twice_is_refused():
     model = conv_net()
     spec = conv_spec(model)
     prune(model, spec)
-    with pytest.raises(SpecError, match=r"fingerprint: tensor '0.weight' is float64\[8,3,3,3\] in the spec but "
-                                        r"float64\[6,3,3,3\] in the model"):
+    message = (
+        "fingerprint: the spec was planned for Sequential (10 tensors); the model (Sequential) differs in 8 of them "
+        "(first: tensor '0.weight' is float64[8,3,3,3] in the spec but float64[6,3,3,3] in the model); was the spec "
+        "applied to it already?"
+    )
+    with pytest.raises(SpecError, match=f"^{re.escape(message)}$"):
         prune(model, spec)
+
+
+def test_a_spec_of_another_model_says_whose_it_is():
+    model = conv_net()
+    spec = conv_spec(model)
+    spec.model = "models:conv_net"
+    other = randomize(Fork())
+    before = snapshot(other)
+    message = (
+        "fingerprint: the spec was planned for models:conv_net (10 tensors); the model (Fork) differs in 10 of them "
+        "and has 8 more (first: it has no tensor '0.weight')"
+    )
+    with pytest.raises(SpecError, match=f"^{re.escape(message)}$"):
+        prune(other, spec)
+    assert problems(other, spec) == [message]  # and no guesses at similar names for each tensor and layer
+    assert_unchanged(before, snapshot(other))
+    # A few tensors that differ are still named one by one.
+    spec = conv_spec(model)
+    spec.fingerprint["4.bias"] = "float64[5]"
+    assert problems(model, spec) == [
+        "fingerprint: tensor '4.bias' is float64[5] in the spec but float64[4] in the model (was the spec planned for "
+        "another model, or applied already?)"
+    ]
 
 
 def test_mock_leaves_the_model_unchanged_and_passes_gradients():

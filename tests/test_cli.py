@@ -130,6 +130,8 @@ def test_plan_prints_where_and_what(tmp_path: Path) -> None:
     assert str(spec_path) in result.stdout
     assert "parameters" in result.stdout and "MACs" in result.stdout
     assert "not reordered" in result.stdout
+    assert "  channels:                 named channels\n" in result.stdout
+    assert "requested" not in result.stdout
     assert not prunespec.load_spec(spec_path).request.reorder
 
 
@@ -146,8 +148,15 @@ def test_apply_writes_every_output_format(tiny_spec: Path, tmp_path: Path) -> No
     for result in runs.values():
         assert_ok(result)
 
+    # The check says what it compared, against what, and how it came out; export progress goes to stderr.
+    assert re.search(
+        r"^verify: max \|pruned - mock\| = \S+ \(relative \S+ of max\(1, output scale \S+\)\), tolerance 1e-09: ok$",
+        runs["pt2"].stdout,
+        re.MULTILINE,
+    ), runs["pt2"].stdout
+    assert runs["pt2"].stderr == "exporting tiny.pt2 (torch.export) ...\n"
+    assert runs["safetensors"].stderr == ""
     # The exported program runs, and its convolution really is smaller.
-    assert "max |pruned - mock| = " in runs["pt2"].stdout
     program = torch.export.load(tmp_path / "pt2" / "tiny.pt2")
     assert program.module()(torch.randn(1, 3, 16, 16)).shape == (1, 4)
     assert program.state_dict["0.weight"].shape[0] < 8
@@ -236,7 +245,10 @@ def test_expected_failures_are_one_line_errors(tiny_spec: Path, tmp_path: Path) 
         "unknown-parameter": ([*plan_tiny, "--prune-input", "3.wieght:0"], ["3.wieght"]),
         "missing-spec": (["apply", "missing.prunespec.json", TINY, "-o", "out.pt2"], ["missing.prunespec.json"]),
         "corrupt-spec": (["apply", corrupt, TINY, "-o", "out.pt2"], ["corrupt.prunespec.json"]),
-        "wrong-model": (["apply", tiny_spec, "models_for_cli:wider_net", "-o", "out.pt2"], []),
+        "wrong-model": (
+            ["apply", tiny_spec, "models_for_cli:wider_net", "-o", "out.pt2"],
+            [f"the spec was planned for {TINY} (11 tensors); the model (Sequential) differs in 7 of them"],
+        ),
         "bad-suffix": ([*apply_tiny, "-o", "out.onnx"], [".pt2", ".safetensors"]),
     }
     runs = run_all({name: args for name, (args, _) in cases.items()}, tmp_path)
@@ -314,6 +326,15 @@ def test_more_apply_errors(tiny_spec: Path, tmp_path: Path, monkeypatch: pytest.
         result = CliRunner().invoke(app, ["apply", *(str(a) for a in args)])
         assert_one_line_error(result, *fragments)
         assert [p.name for p in tmp_path.iterdir()] == [future.name], args
+    assert result.stdout.endswith("tolerance -1: FAILED\n")  # the --verify line, then the error
+
+
+def test_inputs_the_model_cannot_take_are_one_line_naming_the_layer(tmp_path: Path) -> None:
+    out = tmp_path / "out.prunespec.json"
+    result = CliRunner().invoke(app, ["plan", TINY, "-o", str(out), "--input-shape", "1x3x16", *TINY_REQUEST])
+    line = assert_one_line_error(result, "the model cannot run on --input-shape 1x3x16: layer '0' (Conv2d) fails: ")
+    assert line.endswith("; a Conv2d takes inputs of rank 4, NxCxHxW with C = 3")
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------- in process

@@ -389,9 +389,13 @@ def test_validate_reports_every_problem(specs, tmp_path):
     assert "summary/macs_after" in broken_out and "layers/3/tensors/weight/1" in broken_out
     assert "'fingerprint' is a required property" in broken_out
     assert runs["truncated"].returncode == 1 and "not a JSON file" in runs["truncated"].stdout
+    # One line says whose spec it is: conv 0, its bias, four tensors of the batch norm and conv 3's weight differ.
     wrong = runs["wrong_model"]
     assert wrong.returncode == 1
-    assert wrong.stdout.count("fingerprint: tensor") >= 5, wrong.stdout  # conv 0, its bias and the batch norm
+    assert wrong.stdout.splitlines() == [
+        f"{specs['a']}: fingerprint: the spec was planned for {TINY} (11 tensors); the model (Sequential) differs in 7 "
+        "of them (first: tensor '0.weight' is float32[8,3,3,3] in the spec but float32[12,3,3,3] in the model)"
+    ]
 
 
 def test_validate_runs_the_pruned_model_on_meta_tensors(specs, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 
 import pytest
 import torch
@@ -82,7 +83,7 @@ def test_lamp_ranks_across_layers_whatever_their_scale():
     b_columns = [[10 * v for v in col] for col in c_columns]
     chosen = prunespec.select(chain(b_columns, c_columns), X, "lamp", 0.25, scope="global").pruned_inputs
     assert sorted(chosen) == [("b.weight", 0), ("c.weight", 0)]
-    with pytest.raises(PlanError, match="--scope global"):
+    with pytest.raises(PlanError, match="use the global scope \\(scope='global'\\)"):
         prunespec.select(chain(), X, "lamp", 0.25, scope="local")
 
 
@@ -144,8 +145,9 @@ def test_output_side_scores_a_segment_by_all_its_producers():
 
 def test_io_layers_are_left_out_unless_asked():
     net = chain()
-    chosen = prunespec.select(net, X, "l2", 0.5).pruned_inputs
-    assert {w for w, _ in chosen} == {"b.weight", "c.weight"}
+    selection = prunespec.select(net, X, "l2", 0.5)
+    assert {w for w, _ in selection.pruned_inputs} == {"b.weight", "c.weight"}
+    assert any("(include_io=True to choose there): a.weight, d.weight" in note for note in selection.notes)
     with_io = prunespec.select(net, X, "l2", 0.5, include_io=True).pruned_inputs
     assert {w for w, _ in with_io} == {"a.weight", "b.weight", "c.weight", "d.weight"}
     excluded = prunespec.select(net, X, "l2", 0.5, exclude=["b*"])
@@ -248,18 +250,29 @@ def test_budget_search_reaches_the_target(measure, target):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"criterion": "l3"}, "unknown criterion 'l3'"),
-        ({"side": "both"}, "side 'both'"),
-        ({"amount": 1.5}, "amount 1.5"),
-        ({"round_to": 0}, "round_to 0"),
+        ({"criterion": "l3"}, "criterion='l3' does not choose channels"),
+        ({"side": "both"}, "side='both'"),
+        ({"amount": 1.5}, "amount=1.5"),
+        ({"round_to": 0}, "round_to=0"),
         ({"target_macs": 0.5, "target_params": 0.5}, "not both"),
-        ({"target_macs": 2.0}, "target_macs 2.0"),
+        ({"target_macs": 2.0}, "target_macs=2.0"),
+        ({"criterion": "lamp", "scope": "local"}, "scope='global'"),
     ],
 )
 def test_bad_arguments_are_refused_in_one_line(kwargs, message):
     with pytest.raises(PlanError, match=message) as info:
         prunespec.select(chain(), X, **kwargs)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("choose", [prunespec.plan, prunespec.select], ids=["plan", "select"])
+def test_inputs_the_model_cannot_take_are_one_plan_error(choose):
+    with pytest.raises(PlanError) as info:
+        choose(chain(), [X.flatten(2)])  # rank 3: torch reads it as one unbatched 3x16 map of a single channel
+    assert str(info.value).startswith(
+        "the model cannot run on example inputs of shape [1, 3, 16]: layer 'a' (Conv2d) fails: RuntimeError: "
+    )
+    assert str(info.value).endswith("; a Conv2d takes inputs of rank 4, NxCxHxW with C = 3")
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -284,12 +297,22 @@ def test_plan_with_a_criterion_from_the_command_line(tmp_path):
         assert results[name].returncode == 0, results[name].stderr
         assert (tmp_path / name / "out.prunespec.json").is_file()
     assert "chosen by l2, input side, local scope" in results["l2"].stdout
+    # The notes speak of flags, as the command line does.
+    assert "(--include-io to choose there): 0.weight" in results["l2"].stdout
+    assert "include_io" not in results["l2"].stdout
     spec = prunespec.load_spec(tmp_path / "l2" / "out.prunespec.json")
     # Explicit channels join the criterion's choice (7 is the linear layer, left out by the criterion itself).
     assert ("7.weight", "0") in {(r.tensor, r.channels) for r in spec.request.pruned_inputs}
     assert "target parameters 80.0%" in results["budget"].stdout
+    # Each step of the search shows on stderr; stdout is the report alone.
+    steps = results["budget"].stderr.splitlines()
+    assert len(steps) > 1
+    assert all(re.fullmatch(r"search: amount [0-9.]+ keeps [0-9.]+% of parameters", step) for step in steps)
+    assert "search:" not in results["budget"].stdout
+    assert "  channels:                 channels chosen by hrank\n" in results["hrank"].stdout
+    assert "  channels:                 named channels and channels chosen by l2\n" in results["l2"].stdout
     for name, message in [("lamp_local", "--scope global"), ("no_criterion", "--amount needs --criterion"),
-                          ("bad_exclude", "matches no layer")]:  # fmt: skip
+                          ("bad_exclude", "--exclude nothing* matches no layer")]:  # fmt: skip
         result = results[name]
         assert result.returncode == 1 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
         assert not (tmp_path / name / "out.prunespec.json").exists()
