@@ -49,9 +49,10 @@ def assert_matches(actual, expected, tolerance: float = TOLERANCE) -> float:
     """Assert max |actual - expected| <= tolerance × max(1, max |expected|) and return the difference.
 
     Relative above an output scale of 1: random deep networks reach large outputs, whose last digits move with the
-    summation order alone.
+    summation order alone. An expected output of almost zero fails: the comparison would say nothing.
     """
     scale = max((t.abs().max().item() for t in tensors(expected)), default=1.0)
+    assert scale > zoo.NEAR_ZERO, f"the expected output is (almost) zero ({scale:.3g}): comparing with it says nothing"
     diff = max_difference(actual, expected)
     assert diff <= tolerance * max(1.0, scale), f"max |difference| = {diff:.3g} (output scale {scale:.3g})"
     return diff

@@ -1,9 +1,12 @@
-"""The `prunespec` command line, run as real subprocesses (`python -m prunespec ...`) the way users run it.
+"""The `prunespec` command line, run as real subprocesses (`python -m prunespec ...`) the way users run it, and in
+process through typer's CliRunner (`invoke`, `invoke_all`), which runs the same code without the seconds a fresh
+interpreter spends importing torch.
 
-Start with `start_cli` / `run_all` and the `tiny_spec` fixture (a spec planned once for `models_for_cli:tiny_net`).
-The success tests plan and apply; the error tests check that every expected failure is one `error:` line on stderr,
-exit status 1, no traceback and no file left behind. Independent commands run side by side, since most of each run
-is importing torch. The rarer error paths and the model-loading helpers are tested in process at the end."""
+Start with `start_cli` / `run_all`, `invoke_all` and the `tiny_spec` fixture (a spec planned once for
+`models_for_cli:tiny_net`). The success tests plan and apply; the error tests check that every expected failure is
+one `error:` line on stderr, exit status 1, no traceback and no file left behind. Each kind of command runs at least
+once as a real process (planning, applying to every output kind, an error of each kind, --debug, --help); the many
+variations of the same path run in process. The model-loading helpers are tested in process at the end."""
 
 from __future__ import annotations
 
@@ -64,8 +67,28 @@ def run_all(commands: dict[str, list[object]], folder: Path) -> dict[str, subpro
     return {name: finish(process) for name, process in started.items()}
 
 
-def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+def invoke(*args: object, cwd: Path) -> Result:
+    """Run `prunespec ARGS` in this process, in `cwd`."""
+    before = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        os.chdir(before)
+
+
+def invoke_all(commands: dict[str, list[object]], folder: Path) -> dict[str, Result]:
+    """`run_all` in this process: each command in its own empty folder `folder/NAME`."""
+    results = {}
+    for name, args in commands.items():
+        (folder / name).mkdir()
+        results[name] = invoke(*args, cwd=folder / name)
+    return results
+
+
+def assert_ok(result: subprocess.CompletedProcess[str] | Result) -> None:
+    code = result.returncode if isinstance(result, subprocess.CompletedProcess) else result.exit_code
+    assert code == 0, f"exit {code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +129,7 @@ def test_help_shows_flags_without_a_value_type(command: list[str]) -> None:
 
 
 def test_schema_prints_the_json_schema(tmp_path: Path) -> None:
-    result = run_cli("schema", cwd=tmp_path)
+    result = invoke("schema", cwd=tmp_path)
     assert_ok(result)
     assert json.loads(result.stdout) == json_schema()
     assert result.stdout.endswith("}\n")
@@ -125,7 +148,7 @@ def test_plan_writes_a_spec_and_a_summary(tiny_spec: Path) -> None:
 
 def test_plan_prints_where_and_what(tmp_path: Path) -> None:
     spec_path = tmp_path / "spec.json"
-    result = run_cli("plan", TINY, "-o", spec_path, "--input-shape", SMALL, *TINY_REQUEST, "--no-reorder", cwd=tmp_path)
+    result = invoke("plan", TINY, "-o", spec_path, "--input-shape", SMALL, *TINY_REQUEST, "--no-reorder", cwd=tmp_path)
     assert_ok(result)
     assert str(spec_path) in result.stdout
     assert "parameters" in result.stdout and "MACs" in result.stdout
@@ -136,9 +159,8 @@ def test_plan_prints_where_and_what(tmp_path: Path) -> None:
 
 
 def test_apply_writes_every_output_format(tiny_spec: Path, tmp_path: Path) -> None:
-    runs = run_all(
+    runs = run_all({"pt2": ["apply", tiny_spec, TINY, "-o", "tiny.pt2", "--verify"]}, tmp_path) | invoke_all(
         {
-            "pt2": ["apply", tiny_spec, TINY, "-o", "tiny.pt2", "--verify"],
             "safetensors": ["apply", tiny_spec, TINY, "-o", "tiny.safetensors"],
             "pt": ["apply", tiny_spec, TINY, "-o", "tiny.pt"],
             "mock": ["apply", tiny_spec, TINY, "-o", "mock.pt2", "--mock"],
@@ -184,20 +206,21 @@ def test_plan_without_channels_prunes_zeroed_weights(tmp_path: Path) -> None:
     save_file(state, str(weights))
 
     spec_path = tmp_path / "zeroed.prunespec.json"
-    result = run_cli("plan", TINY, "-o", spec_path, "--weights", weights, "--input-shape", SMALL, cwd=tmp_path)
+    result = invoke("plan", TINY, "-o", spec_path, "--weights", weights, "--input-shape", SMALL, cwd=tmp_path)
     assert_ok(result)
     spec = prunespec.load_spec(spec_path)
     assert spec.request.zeroed
     assert spec.summary.parameters_after < spec.summary.parameters_before
 
     out = tmp_path / "zeroed.pt"
-    assert_ok(run_cli("apply", spec_path, TINY, "-o", out, "--weights", weights, "--verify", cwd=tmp_path))
+    assert_ok(invoke("apply", spec_path, TINY, "-o", out, "--weights", weights, "--verify", cwd=tmp_path))
     assert torch.load(out, weights_only=True)["0.weight"].shape == (6, 3, 3, 3)
 
 
 def test_resnet18_end_to_end(tmp_path: Path) -> None:
+    """`make demo`: plan (in process), then apply as a real process."""
     spec_path = tmp_path / "resnet18.prunespec.json"
-    result = run_cli(
+    result = invoke(
         "plan", "torchvision:resnet18", "-o", spec_path, "--input-shape", "1x3x64x64",
         "--prune-input", "layer1.0.conv2.weight:0-7",
         "--prune-input", "layer2.0.conv1.weight:3,9,17",
@@ -232,6 +255,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str] | Result, *fr
 
 
 def test_expected_failures_are_one_line_errors(tiny_spec: Path, tmp_path: Path) -> None:
+    """Real processes for a model that cannot be built, a spec that cannot be read and a spec of another model; the
+    rest in process."""
     corrupt = tmp_path / "corrupt.prunespec.json"
     corrupt.write_text('{"schema_version": "1.0", "model": ')
     plan_tiny = ["plan", TINY, "-o", "out.prunespec.json", "--input-shape", SMALL]
@@ -251,7 +276,10 @@ def test_expected_failures_are_one_line_errors(tiny_spec: Path, tmp_path: Path) 
         ),
         "bad-suffix": ([*apply_tiny, "-o", "out.onnx"], [".pt2", ".safetensors"]),
     }
-    runs = run_all({name: args for name, (args, _) in cases.items()}, tmp_path)
+    real = ("bad-specifier", "corrupt-spec", "wrong-model")
+    runs = run_all({name: cases[name][0] for name in real}, tmp_path) | invoke_all(
+        {name: args for name, (args, _) in cases.items() if name not in real}, tmp_path
+    )
     for name, (_, fragments) in cases.items():
         assert_one_line_error(runs[name], *fragments)
         assert not any((tmp_path / name).iterdir()), f"{name} left files behind"
@@ -264,13 +292,9 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
-    result = run_cli("plan", TINY, cwd=tmp_path)  # no -o
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-
-
-# The cases below exercise the same code in process (typer's CliRunner): they are many, and each subprocess would
-# spend its time importing torch.
+    result = invoke("plan", TINY, cwd=tmp_path)  # no -o
+    assert result.exit_code == 2
+    assert "Traceback" not in result.stderr and "--output" in result.stderr
 
 
 @pytest.mark.parametrize(
