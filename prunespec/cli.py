@@ -21,17 +21,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import torch
 import typer
+import typer.core
 from torch import nn
 
 import prunespec
 from prunespec import review
-from prunespec.errors import PlanError, SpecError
+from prunespec.errors import PlanError, SpecError, naming_flags
 from prunespec.models import ModelError, load_model, read_calibration
 from prunespec.schemas import atomic_path
+from prunespec.schemas.spec import change
 
 DEFAULT_SHAPE = "1x3x224x224"
+SHOWN_PROBLEMS = 10  # `validate` lists this many problems of a spec, then counts the rest
 OUTPUT_SUFFIXES = (".pt2", ".safetensors", ".pt", ".pth")
 
 
@@ -42,8 +46,30 @@ class CliError(ValueError):
 # Failures the user can fix; anything else is reported as unexpected (still one line, unless --debug).
 EXPECTED_ERRORS = (CliError, ModelError, PlanError, SpecError, OSError)
 
+
+class _FlagsShowNoType:
+    """typer's help prints a value type after each option, `<bool>` after a flag that takes no value; an empty
+    metavar, printed in its place, leaves the flag bare."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Group(_FlagsShowNoType, typer.core.TyperGroup):
+    pass
+
+
+class _Command(_FlagsShowNoType, typer.core.TyperCommand):
+    pass
+
+
 app = typer.Typer(
     name="prunespec",
+    cls=_Group,
     help="Compile channel-pruning requests into versioned spec files, and apply them without re-tracing.",
     no_args_is_help=True,
     add_completion=False,
@@ -54,9 +80,26 @@ app = typer.Typer(
 _debug = False
 
 
+def version_line() -> str:
+    """What `prunespec --version` prints: the package version and the spec schema version it writes."""
+    return f"prunespec {prunespec.__version__} (spec schema {prunespec.SCHEMA_VERSION})"
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
     debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback when a command fails.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Show the version and the spec schema it writes."
+        ),
+    ] = False,
 ) -> None:
     global _debug
     _debug = debug
@@ -258,7 +301,7 @@ def plan_command(
     Name channels with --prune-input/--prune-output, let a --criterion choose them, or both. With neither, the
     channels whose weights are all zero are pruned.
     """
-    with _reporting_errors():
+    with _reporting_errors(), naming_flags():
         shapes = [parse_shape(s) for s in input_shape or [DEFAULT_SHAPE]]
         pruned_inputs = _requests(prune_input, "--prune-input")
         pruned_outputs = _requests(prune_output, "--prune-output")
@@ -277,6 +320,7 @@ def plan_command(
                 exclude=exclude or (), include_io=include_io, zeroed=zeroed, target_macs=target_macs,
                 target_params=target_params, constrained=constrained, reorder=reorder, calibration=batches,
                 progress=_progress_bar("hrank feature maps") if criterion == "hrank" else None, seed=seed,
+                report=lambda line: typer.echo(line, err=True),
             )  # fmt: skip
             pruned_inputs = list(dict.fromkeys([*pruned_inputs, *selection.pruned_inputs]))
             pruned_outputs = list(dict.fromkeys([*pruned_outputs, *selection.pruned_outputs]))
@@ -296,7 +340,7 @@ def plan_command(
         )
         spec.model = model
         spec.save(output)
-        typer.echo(describe_plan(spec, output))
+        typer.echo(describe_plan(spec, output, asked_channels(bool(prune_input or prune_output), criterion, zeroed)))
         if choosing:
             typer.echo(describe_selection(criterion, side, scope, notes, spec, round_to))
 
@@ -342,7 +386,13 @@ def apply_command(
         bool, typer.Option("--verify", help="Check in float64 that the pruned model matches the mock.")
     ] = False,
     tolerance: Annotated[
-        float, typer.Option("--tolerance", metavar="FLOAT", help="Largest difference --verify accepts.")
+        float,
+        typer.Option(
+            "--tolerance",
+            metavar="FLOAT",
+            help="Largest difference --verify accepts, relative to the largest output value where that exceeds 1 "
+            "(random deep models reach outputs of 1e9 and more, whose last digits move with the summation order).",
+        ),
     ] = 1e-9,
     fold: Annotated[
         bool,
@@ -393,14 +443,22 @@ def apply_command(
             # folded in float64 too, so that the check sees the plan, not the rounding of folded float32 weights.
             pruned = prunespec.prune(copy.deepcopy(original), spec).double()
             pruned = prunespec.fold_norms(pruned, spec) if fold else pruned
-            difference = _max_difference(
+            difference, scale = _max_difference(
                 pruned=prunespec.to_channels_last(pruned) if channels_last else pruned,
                 mocked=prunespec.mock(original, spec),
                 inputs=example_inputs(spec, torch.float64),
             )
-            typer.echo(f"max |pruned - mock| = {difference:.1e}")
-            if not difference <= tolerance:  # also catches NaN
-                raise CliError(f"the pruned model differs from the mock by {difference:.1e} > tolerance {tolerance:g}")
+            relative = difference / max(1.0, scale)
+            ok = relative <= tolerance  # False for NaN
+            typer.echo(
+                f"verify: max |pruned - mock| = {difference:.1e} (relative {relative:.1e} of max(1, output scale "
+                f"{scale:.3g})), tolerance {tolerance:g}: {'ok' if ok else 'FAILED'}"
+            )
+            if not ok:
+                raise CliError(
+                    f"the pruned model differs from the mock by {relative:.1e} of max(1, output scale {scale:.3g}), "
+                    f"more than --tolerance {tolerance:g}; nothing was written"
+                )
 
         _write_model(result, spec, output)
         folded = f", {len(spec.norm_folds)} batch norms folded" if fold else ""
@@ -527,8 +585,10 @@ def validate_command(
                     typer.echo(f"{spec_path}: note: the forward pass was not checked: {unchecked}")
                 else:
                     checked.append("forward pass")
-        for problem in found:
+        for problem in found[:SHOWN_PROBLEMS]:
             typer.echo(f"{spec_path}: {problem}")
+        if len(found) > SHOWN_PROBLEMS:
+            typer.echo(f"{spec_path}: … and {len(found) - SHOWN_PROBLEMS} more")
         if found:
             _fail(f"{spec_path}: {len(found)} problem(s)")
         typer.echo(f"{spec_path}: valid ({', '.join(checked)})")
@@ -540,6 +600,11 @@ def schema_command() -> None:
     from prunespec.schemas import json_schema
 
     sys.stdout.write(json.dumps(json_schema(), indent=2, sort_keys=False) + "\n")
+
+
+# Every command gets the help of `_Command`; set here, after all of them are defined.
+for _registered in app.registered_commands:
+    _registered.cls = _Command
 
 
 def main() -> None:
@@ -697,8 +762,9 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def _max_difference(pruned: nn.Module, mocked: nn.Module, inputs: list[torch.Tensor]) -> float:
-    """Largest absolute difference between the outputs of the two models, run in float64."""
+def _max_difference(pruned: nn.Module, mocked: nn.Module, inputs: list[torch.Tensor]) -> tuple[float, float]:
+    """The largest absolute difference between the outputs of the two models, run in float64, and the largest
+    absolute value of the mock's outputs (the output scale)."""
     from torch.utils._pytree import tree_leaves
 
     with torch.no_grad():
@@ -706,7 +772,7 @@ def _max_difference(pruned: nn.Module, mocked: nn.Module, inputs: list[torch.Ten
         mocked_out = tree_leaves(mocked.double().eval()(*inputs))
     if len(pruned_out) != len(mocked_out):
         raise CliError(f"the pruned model returns {len(pruned_out)} outputs, the mock {len(mocked_out)}")
-    largest = 0.0
+    largest, scale = 0.0, 0.0
     for i, (p, m) in enumerate(zip(pruned_out, mocked_out)):
         if not isinstance(p, torch.Tensor) or not isinstance(m, torch.Tensor):
             continue
@@ -714,12 +780,14 @@ def _max_difference(pruned: nn.Module, mocked: nn.Module, inputs: list[torch.Ten
             raise CliError(f"output {i}: the pruned model gives shape {list(p.shape)}, the mock {list(m.shape)}")
         if p.numel():
             largest = max(largest, (p.double() - m.double()).abs().max().item())
-    return largest
+            scale = max(scale, m.double().abs().max().item())
+    return largest, scale
 
 
 def _write_model(model: nn.Module, spec: prunespec.PruningSpec, output: Path) -> None:
     suffix = output.suffix.lower()
     if suffix == ".pt2":
+        typer.echo(f"exporting {output} (torch.export) ...", err=True)
         program = torch.export.export(model, tuple(example_inputs(spec)))
         with atomic_path(output) as tmp, warnings.catch_warnings():
             # torch warns of every weight that is not contiguous in NCHW order, channels-last ones included, and
@@ -752,25 +820,40 @@ def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def describe_plan(spec: prunespec.PruningSpec, output: Path) -> str:
-    """The short report `plan` prints: where the spec went and what it removes."""
+def describe_plan(spec: prunespec.PruningSpec, output: Path, asked: str = "named channels") -> str:
+    """The short report `plan` prints: where the spec went and what it removes. `asked` says where the channels
+    came from (see `asked_channels`)."""
     s = spec.summary
     request = spec.request
     mode = "constrained" if request.constrained else "unconstrained"
     mode += ", reordered" if request.reorder else ", not reordered"
-    mode += ", zeroed channels" if request.zeroed else ", requested channels"
     lines = [
         f"wrote {output}",
         f"  mode:                     {mode}",
-        f"  parameters:               {_change(s.parameters_before, s.parameters_after)}",
-        f"  MACs:                     {_change(s.macs_before, s.macs_after)}",
+        f"  channels:                 {asked}",
+        f"  parameters:               {change(s.parameters_before, s.parameters_after)}",
+        f"  MACs:                     {change(s.macs_before, s.macs_after)}",
         f"  layers touched:           {len(spec.layers)}",
         f"  activation subselections: {s.subselections}",
     ]
     if spec.kept:
-        lines.append(f"  kept {len(spec.kept)} requested group(s) of channels:")
+        lines.append(f"  kept {len(spec.kept)} group(s) of the {asked}:")
         lines.extend(f"    {k.tensor} {k.side} channels {k.channels} kept: {k.reason}" for k in spec.kept)
     return "\n".join(lines)
+
+
+def asked_channels(named: bool, criterion: str | None, zeroed: bool) -> str:
+    """Where the channels a plan removes came from, for `describe_plan`.
+
+    >>> asked_channels(True, None, False), asked_channels(False, "l2", True), asked_channels(False, None, False)
+    ('named channels', 'channels chosen by l2 and all-zero channels', 'all-zero channels (none were named)')
+    """
+    if not named and criterion is None:
+        return "all-zero channels (none were named)"
+    sources = ["named channels"] if named else []
+    sources += [f"channels chosen by {criterion}"] if criterion else []
+    sources += ["all-zero channels"] if zeroed else []
+    return " and ".join(sources)
 
 
 def describe_selection(criterion: str, side: str, scope: str, notes: list[str], spec, round_to: int) -> str:
@@ -784,13 +867,3 @@ def describe_selection(criterion: str, side: str, scope: str, notes: list[str], 
         shown = ", ".join(misses[:6]) + (f" (and {len(misses) - 6} more)" if len(misses) > 6 else "")
         lines.append(f"  {len(misses)} weight axes are not multiples of {round_to} (the mode decides them): {shown}")
     return "\n".join(lines)
-
-
-def _change(before: int, after: int) -> str:
-    """Before -> after, with the relative change.
-
-    >>> _change(200, 150)
-    '200 -> 150 (-25.0%)'
-    """
-    percent = f" ({(after - before) / before * 100:+.1f}%)" if before else ""
-    return f"{before:,} -> {after:,}{percent}"

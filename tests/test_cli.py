@@ -1,14 +1,18 @@
-"""The `prunespec` command line, run as real subprocesses (`python -m prunespec ...`) the way users run it.
+"""The `prunespec` command line, run as real subprocesses (`python -m prunespec ...`) the way users run it, and in
+process through typer's CliRunner (`invoke`, `invoke_all`), which runs the same code without the seconds a fresh
+interpreter spends importing torch.
 
-Start with `start_cli` / `run_all` and the `tiny_spec` fixture (a spec planned once for `models_for_cli:tiny_net`).
-The success tests plan and apply; the error tests check that every expected failure is one `error:` line on stderr,
-exit status 1, no traceback and no file left behind. Independent commands run side by side, since most of each run
-is importing torch. The rarer error paths and the model-loading helpers are tested in process at the end."""
+Start with `start_cli` / `run_all`, `invoke_all` and the `tiny_spec` fixture (a spec planned once for
+`models_for_cli:tiny_net`). The success tests plan and apply; the error tests check that every expected failure is
+one `error:` line on stderr, exit status 1, no traceback and no file left behind. Each kind of command runs at least
+once as a real process (planning, applying to every output kind, an error of each kind, --debug, --help); the many
+variations of the same path run in process. The model-loading helpers are tested in process at the end."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,8 +67,28 @@ def run_all(commands: dict[str, list[object]], folder: Path) -> dict[str, subpro
     return {name: finish(process) for name, process in started.items()}
 
 
-def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+def invoke(*args: object, cwd: Path) -> Result:
+    """Run `prunespec ARGS` in this process, in `cwd`."""
+    before = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        os.chdir(before)
+
+
+def invoke_all(commands: dict[str, list[object]], folder: Path) -> dict[str, Result]:
+    """`run_all` in this process: each command in its own empty folder `folder/NAME`."""
+    results = {}
+    for name, args in commands.items():
+        (folder / name).mkdir()
+        results[name] = invoke(*args, cwd=folder / name)
+    return results
+
+
+def assert_ok(result: subprocess.CompletedProcess[str] | Result) -> None:
+    code = result.returncode if isinstance(result, subprocess.CompletedProcess) else result.exit_code
+    assert code == 0, f"exit {code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +110,26 @@ def test_help_lists_the_commands(tmp_path: Path) -> None:
         assert command in result.stdout
 
 
+def test_version_names_the_package_and_the_schema() -> None:
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output == f"prunespec {prunespec.__version__} (spec schema {SCHEMA_VERSION})\n"
+    declared = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
+    assert declared and declared.group(1) == prunespec.__version__
+
+
+COMMANDS = [[], *[[c.name] for c in app.registered_commands]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0] if c else "prunespec")
+def test_help_shows_flags_without_a_value_type(command: list[str]) -> None:
+    result = CliRunner().invoke(app, [*command, "--help"], terminal_width=100)
+    assert result.exit_code == 0
+    assert "--help" in result.output and "<bool>" not in result.output
+
+
 def test_schema_prints_the_json_schema(tmp_path: Path) -> None:
-    result = run_cli("schema", cwd=tmp_path)
+    result = invoke("schema", cwd=tmp_path)
     assert_ok(result)
     assert json.loads(result.stdout) == json_schema()
     assert result.stdout.endswith("}\n")
@@ -106,18 +148,19 @@ def test_plan_writes_a_spec_and_a_summary(tiny_spec: Path) -> None:
 
 def test_plan_prints_where_and_what(tmp_path: Path) -> None:
     spec_path = tmp_path / "spec.json"
-    result = run_cli("plan", TINY, "-o", spec_path, "--input-shape", SMALL, *TINY_REQUEST, "--no-reorder", cwd=tmp_path)
+    result = invoke("plan", TINY, "-o", spec_path, "--input-shape", SMALL, *TINY_REQUEST, "--no-reorder", cwd=tmp_path)
     assert_ok(result)
     assert str(spec_path) in result.stdout
     assert "parameters" in result.stdout and "MACs" in result.stdout
     assert "not reordered" in result.stdout
+    assert "  channels:                 named channels\n" in result.stdout
+    assert "requested" not in result.stdout
     assert not prunespec.load_spec(spec_path).request.reorder
 
 
 def test_apply_writes_every_output_format(tiny_spec: Path, tmp_path: Path) -> None:
-    runs = run_all(
+    runs = run_all({"pt2": ["apply", tiny_spec, TINY, "-o", "tiny.pt2", "--verify"]}, tmp_path) | invoke_all(
         {
-            "pt2": ["apply", tiny_spec, TINY, "-o", "tiny.pt2", "--verify"],
             "safetensors": ["apply", tiny_spec, TINY, "-o", "tiny.safetensors"],
             "pt": ["apply", tiny_spec, TINY, "-o", "tiny.pt"],
             "mock": ["apply", tiny_spec, TINY, "-o", "mock.pt2", "--mock"],
@@ -127,8 +170,15 @@ def test_apply_writes_every_output_format(tiny_spec: Path, tmp_path: Path) -> No
     for result in runs.values():
         assert_ok(result)
 
+    # The check says what it compared, against what, and how it came out; export progress goes to stderr.
+    assert re.search(
+        r"^verify: max \|pruned - mock\| = \S+ \(relative \S+ of max\(1, output scale \S+\)\), tolerance 1e-09: ok$",
+        runs["pt2"].stdout,
+        re.MULTILINE,
+    ), runs["pt2"].stdout
+    assert runs["pt2"].stderr == "exporting tiny.pt2 (torch.export) ...\n"
+    assert runs["safetensors"].stderr == ""
     # The exported program runs, and its convolution really is smaller.
-    assert "max |pruned - mock| = " in runs["pt2"].stdout
     program = torch.export.load(tmp_path / "pt2" / "tiny.pt2")
     assert program.module()(torch.randn(1, 3, 16, 16)).shape == (1, 4)
     assert program.state_dict["0.weight"].shape[0] < 8
@@ -156,20 +206,21 @@ def test_plan_without_channels_prunes_zeroed_weights(tmp_path: Path) -> None:
     save_file(state, str(weights))
 
     spec_path = tmp_path / "zeroed.prunespec.json"
-    result = run_cli("plan", TINY, "-o", spec_path, "--weights", weights, "--input-shape", SMALL, cwd=tmp_path)
+    result = invoke("plan", TINY, "-o", spec_path, "--weights", weights, "--input-shape", SMALL, cwd=tmp_path)
     assert_ok(result)
     spec = prunespec.load_spec(spec_path)
     assert spec.request.zeroed
     assert spec.summary.parameters_after < spec.summary.parameters_before
 
     out = tmp_path / "zeroed.pt"
-    assert_ok(run_cli("apply", spec_path, TINY, "-o", out, "--weights", weights, "--verify", cwd=tmp_path))
+    assert_ok(invoke("apply", spec_path, TINY, "-o", out, "--weights", weights, "--verify", cwd=tmp_path))
     assert torch.load(out, weights_only=True)["0.weight"].shape == (6, 3, 3, 3)
 
 
 def test_resnet18_end_to_end(tmp_path: Path) -> None:
+    """`make demo`: plan (in process), then apply as a real process."""
     spec_path = tmp_path / "resnet18.prunespec.json"
-    result = run_cli(
+    result = invoke(
         "plan", "torchvision:resnet18", "-o", spec_path, "--input-shape", "1x3x64x64",
         "--prune-input", "layer1.0.conv2.weight:0-7",
         "--prune-input", "layer2.0.conv1.weight:3,9,17",
@@ -204,6 +255,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str] | Result, *fr
 
 
 def test_expected_failures_are_one_line_errors(tiny_spec: Path, tmp_path: Path) -> None:
+    """Real processes for a model that cannot be built, a spec that cannot be read and a spec of another model; the
+    rest in process."""
     corrupt = tmp_path / "corrupt.prunespec.json"
     corrupt.write_text('{"schema_version": "1.0", "model": ')
     plan_tiny = ["plan", TINY, "-o", "out.prunespec.json", "--input-shape", SMALL]
@@ -217,10 +270,16 @@ def test_expected_failures_are_one_line_errors(tiny_spec: Path, tmp_path: Path) 
         "unknown-parameter": ([*plan_tiny, "--prune-input", "3.wieght:0"], ["3.wieght"]),
         "missing-spec": (["apply", "missing.prunespec.json", TINY, "-o", "out.pt2"], ["missing.prunespec.json"]),
         "corrupt-spec": (["apply", corrupt, TINY, "-o", "out.pt2"], ["corrupt.prunespec.json"]),
-        "wrong-model": (["apply", tiny_spec, "models_for_cli:wider_net", "-o", "out.pt2"], []),
+        "wrong-model": (
+            ["apply", tiny_spec, "models_for_cli:wider_net", "-o", "out.pt2"],
+            [f"the spec was planned for {TINY} (11 tensors); the model (Sequential) differs in 7 of them"],
+        ),
         "bad-suffix": ([*apply_tiny, "-o", "out.onnx"], [".pt2", ".safetensors"]),
     }
-    runs = run_all({name: args for name, (args, _) in cases.items()}, tmp_path)
+    real = ("bad-specifier", "corrupt-spec", "wrong-model")
+    runs = run_all({name: cases[name][0] for name in real}, tmp_path) | invoke_all(
+        {name: args for name, (args, _) in cases.items() if name not in real}, tmp_path
+    )
     for name, (_, fragments) in cases.items():
         assert_one_line_error(runs[name], *fragments)
         assert not any((tmp_path / name).iterdir()), f"{name} left files behind"
@@ -233,13 +292,9 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
-    result = run_cli("plan", TINY, cwd=tmp_path)  # no -o
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-
-
-# The cases below exercise the same code in process (typer's CliRunner): they are many, and each subprocess would
-# spend its time importing torch.
+    result = invoke("plan", TINY, cwd=tmp_path)  # no -o
+    assert result.exit_code == 2
+    assert "Traceback" not in result.stderr and "--output" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -295,6 +350,15 @@ def test_more_apply_errors(tiny_spec: Path, tmp_path: Path, monkeypatch: pytest.
         result = CliRunner().invoke(app, ["apply", *(str(a) for a in args)])
         assert_one_line_error(result, *fragments)
         assert [p.name for p in tmp_path.iterdir()] == [future.name], args
+    assert result.stdout.endswith("tolerance -1: FAILED\n")  # the --verify line, then the error
+
+
+def test_inputs_the_model_cannot_take_are_one_line_naming_the_layer(tmp_path: Path) -> None:
+    out = tmp_path / "out.prunespec.json"
+    result = CliRunner().invoke(app, ["plan", TINY, "-o", str(out), "--input-shape", "1x3x16", *TINY_REQUEST])
+    line = assert_one_line_error(result, "the model cannot run on --input-shape 1x3x16: layer '0' (Conv2d) fails: ")
+    assert line.endswith("; a Conv2d takes inputs of rank 4, NxCxHxW with C = 3")
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------- in process

@@ -138,7 +138,7 @@ def test_head_requests_name_what_is_wrong():
         prunespec.plan(model, inputs, pruned_heads=[("model.layers.0.mlp", 0)])
     with pytest.raises(prunespec.PlanError, match=r"key value heads index 2 is out of range; it has 2 \(0-1\)"):
         prunespec.plan(model, inputs, pruned_kv_heads=[("model.layers.0.self_attn", 2)])
-    with pytest.raises(prunespec.PlanError, match="criterion 'hrank' does not choose heads"):
+    with pytest.raises(prunespec.PlanError, match="criterion='hrank' does not choose heads"):
         prunespec.select(model, inputs, criterion="hrank", amount=0.3, unit="heads")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from test_cli import REPO, TESTS, TINY, run_all, run_cli
+from test_cli import REPO, TESTS, TINY, invoke, invoke_all, run_all
 
 import prunespec
 from prunespec import review
@@ -372,26 +372,31 @@ def test_validate_reports_every_problem(specs, tmp_path):
     broken.write_text(json.dumps(data))
     truncated = tmp_path / "truncated.json"
     truncated.write_bytes(specs["a"].read_bytes()[:100])
-    runs = _runs(
+    (tmp_path / "runs").mkdir()
+    wrong_model = ["validate", specs["a"], "--model", "models_for_cli:wider_net"]
+    runs = run_all({"wrong_model": wrong_model}, tmp_path / "runs") | invoke_all(  # one real process is enough
         {
             "valid": ["validate", specs["a"]],
             "valid_model": ["validate", specs["a"], "--model", TINY],
             "broken": ["validate", broken],
             "truncated": ["validate", truncated],
-            "wrong_model": ["validate", specs["a"], "--model", "models_for_cli:wider_net"],
         },
         tmp_path / "runs",
     )
-    assert runs["valid"].returncode == 0 and "valid (JSON Schema)" in runs["valid"].stdout
-    assert runs["valid_model"].returncode == 0 and f"model {TINY}, forward pass)" in runs["valid_model"].stdout
+    assert runs["valid"].exit_code == 0 and "valid (JSON Schema)" in runs["valid"].stdout
+    assert runs["valid_model"].exit_code == 0 and f"model {TINY}, forward pass)" in runs["valid_model"].stdout
     broken_out = runs["broken"].stdout
-    assert runs["broken"].returncode == 1 and "error: " in runs["broken"].stderr
+    assert runs["broken"].exit_code == 1 and "error: " in runs["broken"].stderr
     assert "summary/macs_after" in broken_out and "layers/3/tensors/weight/1" in broken_out
     assert "'fingerprint' is a required property" in broken_out
-    assert runs["truncated"].returncode == 1 and "not a JSON file" in runs["truncated"].stdout
+    assert runs["truncated"].exit_code == 1 and "not a JSON file" in runs["truncated"].stdout
+    # One line says whose spec it is: conv 0, its bias, four tensors of the batch norm and conv 3's weight differ.
     wrong = runs["wrong_model"]
     assert wrong.returncode == 1
-    assert wrong.stdout.count("fingerprint: tensor") >= 5, wrong.stdout  # conv 0, its bias and the batch norm
+    assert wrong.stdout.splitlines() == [
+        f"{specs['a']}: fingerprint: the spec was planned for {TINY} (11 tensors); the model (Sequential) differs in 7 "
+        "of them (first: tensor '0.weight' is float32[8,3,3,3] in the spec but float32[12,3,3,3] in the model)"
+    ]
 
 
 def test_validate_runs_the_pruned_model_on_meta_tensors(specs, tmp_path):
@@ -399,7 +404,8 @@ def test_validate_runs_the_pruned_model_on_meta_tensors(specs, tmp_path):
     del data["layers"]["0"], data["layers"]["1"]  # conv 3 now reads 8 channels where it takes 5
     no_producer = tmp_path / "no_producer.json"
     no_producer.write_text(json.dumps(data))
-    runs = _runs(
+    (tmp_path / "runs").mkdir()
+    runs = invoke_all(
         {
             "no_producer": ["validate", no_producer, "--model", TINY],
             "not_on_meta": ["validate", specs["a"], "--model", "models_for_cli:looks_at_values"],
@@ -407,14 +413,14 @@ def test_validate_runs_the_pruned_model_on_meta_tensors(specs, tmp_path):
         tmp_path / "runs",
     )
     # Each layer fits on its own (conv 3 records the 5 channels it reads): only the forward pass shows the mistake.
-    assert runs["no_producer"].returncode == 1
+    assert runs["no_producer"].exit_code == 1
     (line,) = runs["no_producer"].stdout.splitlines()
     assert line.startswith(
         f"{no_producer}: forward pass on inputs 1x3x16x16: the pruned model fails in layer '3', called with shape "
         "[1, 8, 14, 14]: RuntimeError: "  # then torch's own words
     )
     not_on_meta = runs["not_on_meta"]
-    assert not_on_meta.returncode == 0, not_on_meta.stderr
+    assert not_on_meta.exit_code == 0, not_on_meta.stderr
     assert "note: the forward pass was not checked: the unpruned model does not run on the meta device" in (
         not_on_meta.stdout
     )
@@ -422,5 +428,5 @@ def test_validate_runs_the_pruned_model_on_meta_tensors(specs, tmp_path):
 
 
 def test_validate_needs_a_model_for_weights(specs, tmp_path):
-    result = run_cli("validate", specs["a"], "--weights", tmp_path / "w.pt", cwd=tmp_path)
-    assert result.returncode == 1 and "--weights needs --model" in result.stderr
+    result = invoke("validate", specs["a"], "--weights", tmp_path / "w.pt", cwd=tmp_path)
+    assert result.exit_code == 1 and "--weights needs --model" in result.stderr

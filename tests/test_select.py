@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from invariant import assert_invariant
 from nets import build
-from test_cli import SMALL, TINY, run_all
+from test_cli import SMALL, TINY, assert_ok, assert_one_line_error, invoke_all, run_all
 from torch import nn
 
 import prunespec
@@ -45,7 +46,7 @@ def chain(b_columns=None, c_columns=None, width: int = 4) -> Chain:
     return net
 
 
-X = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+X = torch.randn(1, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 # Column j is what b reads from input channel j. l1: [3, 4.4, 10, 1]; l2: [3, 2.2, 7.07, 0.71].
 L1_VS_L2 = [[3, 0, 0, 0], [1.1, 1.1, 1.1, 1.1], [5, 5, 0, 0], [0.5, 0.5, 0, 0]]
 
@@ -82,7 +83,7 @@ def test_lamp_ranks_across_layers_whatever_their_scale():
     b_columns = [[10 * v for v in col] for col in c_columns]
     chosen = prunespec.select(chain(b_columns, c_columns), X, "lamp", 0.25, scope="global").pruned_inputs
     assert sorted(chosen) == [("b.weight", 0), ("c.weight", 0)]
-    with pytest.raises(PlanError, match="--scope global"):
+    with pytest.raises(PlanError, match="use the global scope \\(scope='global'\\)"):
         prunespec.select(chain(), X, "lamp", 0.25, scope="local")
 
 
@@ -144,8 +145,9 @@ def test_output_side_scores_a_segment_by_all_its_producers():
 
 def test_io_layers_are_left_out_unless_asked():
     net = chain()
-    chosen = prunespec.select(net, X, "l2", 0.5).pruned_inputs
-    assert {w for w, _ in chosen} == {"b.weight", "c.weight"}
+    selection = prunespec.select(net, X, "l2", 0.5)
+    assert {w for w, _ in selection.pruned_inputs} == {"b.weight", "c.weight"}
+    assert any("(include_io=True to choose there): a.weight, d.weight" in note for note in selection.notes)
     with_io = prunespec.select(net, X, "l2", 0.5, include_io=True).pruned_inputs
     assert {w for w, _ in with_io} == {"a.weight", "b.weight", "c.weight", "d.weight"}
     excluded = prunespec.select(net, X, "l2", 0.5, exclude=["b*"])
@@ -212,6 +214,7 @@ def test_global_scope_prunes_the_amount_of_all_channels():
 
 
 def test_round_to_keeps_consumer_inputs_at_multiples():
+    torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     x = torch.randn(1, 3, 64, 64)
     selection = prunespec.select(model, x, "l2", 0.3, round_to=8)
@@ -232,6 +235,7 @@ def test_prune_count_rounds_and_keeps_a_channel():
 
 @pytest.mark.parametrize(("measure", "target"), [("macs", 0.5), ("params", 0.6)])
 def test_budget_search_reaches_the_target(measure, target):
+    torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     x = torch.randn(1, 3, 64, 64)
     selection = prunespec.select(model, x, "l1", None, **{f"target_{measure}": target})
@@ -246,12 +250,13 @@ def test_budget_search_reaches_the_target(measure, target):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"criterion": "l3"}, "unknown criterion 'l3'"),
-        ({"side": "both"}, "side 'both'"),
-        ({"amount": 1.5}, "amount 1.5"),
-        ({"round_to": 0}, "round_to 0"),
+        ({"criterion": "l3"}, "criterion='l3' does not choose channels"),
+        ({"side": "both"}, "side='both'"),
+        ({"amount": 1.5}, "amount=1.5"),
+        ({"round_to": 0}, "round_to=0"),
         ({"target_macs": 0.5, "target_params": 0.5}, "not both"),
-        ({"target_macs": 2.0}, "target_macs 2.0"),
+        ({"target_macs": 2.0}, "target_macs=2.0"),
+        ({"criterion": "lamp", "scope": "local"}, "scope='global'"),
     ],
 )
 def test_bad_arguments_are_refused_in_one_line(kwargs, message):
@@ -260,18 +265,29 @@ def test_bad_arguments_are_refused_in_one_line(kwargs, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("choose", [prunespec.plan, prunespec.select], ids=["plan", "select"])
+def test_inputs_the_model_cannot_take_are_one_plan_error(choose):
+    with pytest.raises(PlanError) as info:
+        choose(chain(), [X.flatten(2)])  # rank 3: torch reads it as one unbatched 3x16 map of a single channel
+    assert str(info.value).startswith(
+        "the model cannot run on example inputs of shape [1, 3, 16]: layer 'a' (Conv2d) fails: RuntimeError: "
+    )
+    assert str(info.value).endswith("; a Conv2d takes inputs of rank 4, NxCxHxW with C = 3")
+
+
 # ---------------------------------------------------------------------------------------------- command line
 
 
 def test_plan_with_a_criterion_from_the_command_line(tmp_path):
     calibration = tmp_path / "cal.pt"
-    torch.save(torch.randn(5, 3, 16, 16), calibration)
+    torch.save(torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(0)), calibration)
     common = ["plan", TINY, "--input-shape", SMALL, "-o", "out.prunespec.json"]
-    results = run_all(
+    # The budget search as a real process, to see its progress on stderr; the rest in process.
+    budget = [*common, "--criterion", "fpgm", "--side", "output", "--target-params", "0.8", "--constrained"]
+    results = run_all({"budget": budget}, tmp_path) | invoke_all(
         {
             "l2": [*common, "--criterion", "l2", "--amount", "0.5", "--prune-input", "7.weight:0"],
             "hrank": [*common, "--criterion", "hrank", "--amount", "0.5", "--calibration", calibration],
-            "budget": [*common, "--criterion", "fpgm", "--side", "output", "--target-params", "0.8", "--constrained"],
             "lamp_local": [*common, "--criterion", "lamp", "--amount", "0.3"],
             "no_criterion": [*common, "--amount", "0.3"],
             "bad_exclude": [*common, "--criterion", "l1", "--amount", "0.3", "--exclude", "nothing*"],
@@ -279,17 +295,26 @@ def test_plan_with_a_criterion_from_the_command_line(tmp_path):
         tmp_path,
     )
     for name in ("l2", "hrank", "budget"):
-        assert results[name].returncode == 0, results[name].stderr
+        assert_ok(results[name])
         assert (tmp_path / name / "out.prunespec.json").is_file()
     assert "chosen by l2, input side, local scope" in results["l2"].stdout
+    # The notes speak of flags, as the command line does.
+    assert "(--include-io to choose there): 0.weight" in results["l2"].stdout
+    assert "include_io" not in results["l2"].stdout
     spec = prunespec.load_spec(tmp_path / "l2" / "out.prunespec.json")
     # Explicit channels join the criterion's choice (7 is the linear layer, left out by the criterion itself).
     assert ("7.weight", "0") in {(r.tensor, r.channels) for r in spec.request.pruned_inputs}
     assert "target parameters 80.0%" in results["budget"].stdout
+    # Each step of the search shows on stderr; stdout is the report alone.
+    steps = results["budget"].stderr.splitlines()
+    assert len(steps) > 1
+    assert all(re.fullmatch(r"search: amount [0-9.]+ keeps [0-9.]+% of parameters", step) for step in steps)
+    assert "search:" not in results["budget"].stdout
+    assert "  channels:                 channels chosen by hrank\n" in results["hrank"].stdout
+    assert "  channels:                 named channels and channels chosen by l2\n" in results["l2"].stdout
     for name, message in [("lamp_local", "--scope global"), ("no_criterion", "--amount needs --criterion"),
-                          ("bad_exclude", "matches no layer")]:  # fmt: skip
-        result = results[name]
-        assert result.returncode == 1 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+                          ("bad_exclude", "--exclude nothing* matches no layer")]:  # fmt: skip
+        assert_one_line_error(results[name], message)
         assert not (tmp_path / name / "out.prunespec.json").exists()
 
 
@@ -357,7 +382,7 @@ def conv_bn_relu() -> ConvBnRelu:
 
 
 def test_output_side_weights_are_scored_folded_with_their_batch_norm():
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     # Filter norms alone rank channel 0 lowest; folded with the norm's scale |γ|/√(var+ε), channel 3 is the weakest.
     assert prunespec.select(conv_bn_relu(), x, "l2", 0.25, side="output").pruned_outputs == [("conv.weight", 3)]
     assert prunespec.select(conv_bn_relu(), x, "l2", 0.25, side="input").pruned_inputs[0][0] == "conv.weight"
@@ -365,7 +390,7 @@ def test_output_side_weights_are_scored_folded_with_their_batch_norm():
 
 def test_hrank_on_the_output_side_reads_the_maps_after_norm_and_activation():
     # Every channel of the convolution's own output has full-rank maps; after the ReLU, channel 1 is all zeros.
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     chosen = prunespec.select(conv_bn_relu(), x, "hrank", 0.25, side="output").pruned_outputs
     assert chosen == [("conv.weight", 1)]
 
@@ -383,7 +408,7 @@ def test_calibration_batches_that_do_not_fit_are_one_plan_error():
     net = chain()
     before = copy.deepcopy(net.state_dict())
     with pytest.raises(PlanError, match=r"calibration batch 1 \(shape \[2, 5, 4, 4\]\) does not run") as info:
-        prunespec.select(net, X, "hrank", 0.5, calibration=[X, torch.randn(2, 5, 4, 4, dtype=torch.float64)])
+        prunespec.select(net, X, "hrank", 0.5, calibration=[X, torch.zeros(2, 5, 4, 4, dtype=torch.float64)])
     assert "\n" not in str(info.value)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     assert all(not m._forward_pre_hooks for m in net.modules())

@@ -125,3 +125,22 @@ def test_every_runs_field_is_checked_when_a_spec_is_read(path, where):
     target[path[-1]] = "1-2-3"
     with pytest.raises(prunespec.SpecError, match=re.escape(f"spec: {where}: '1-2-3' is not a list of index runs")):
         load_spec_bytes(json.dumps(data).encode())
+
+
+def test_a_spec_prints_short_and_readable_and_its_json_is_unchanged():
+    model, inputs = build("fork")
+    spec = prunespec.plan(model, inputs, [("a.weight", 1)])
+    s = spec.summary
+    assert str(s) == (
+        f"parameters {s.parameters_before:,} -> {s.parameters_after:,} "
+        f"({(s.parameters_after - s.parameters_before) / s.parameters_before:+.1%}), MACs {s.macs_before:,} -> "
+        f"{s.macs_after:,} ({(s.macs_after - s.macs_before) / s.macs_before:+.1%}), {s.subselections} activation "
+        "subselection(s)"
+    )
+    assert repr(spec).startswith(f"<PruningSpec of Fork, schema {spec.schema_version}: {len(spec.layers)} layers,")
+    assert str(s) in str(spec) and "\n" not in repr(spec)
+    data = json.loads(spec.to_json())
+    assert data["summary"] == {"parameters_before": s.parameters_before, "parameters_after": s.parameters_after,
+                               "macs_before": s.macs_before, "macs_after": s.macs_after,
+                               "subselections": s.subselections}  # fmt: skip
+    assert load_spec_bytes(spec.to_json()) == spec

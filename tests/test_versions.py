@@ -14,7 +14,7 @@ import msgspec
 import pytest
 import torch
 import torchvision
-from invariant import TOLERANCE, max_difference
+from invariant import assert_matches
 from nets import SMALL_NETS, build
 
 import prunespec
@@ -66,7 +66,7 @@ def test_an_older_spec_is_migrated_and_prunes_like_a_spec_planned_now(path):
     with torch.no_grad():
         expected = prunespec.prune(copy.deepcopy(model), fresh)(*inputs)
         got = prunespec.prune(copy.deepcopy(model), spec)(*inputs)
-    assert max_difference(got, expected) <= TOLERANCE
+    assert_matches(got, expected)
 
     for fmt in review.FORMATS:
         assert spec.model in review.render_show(spec, fmt)

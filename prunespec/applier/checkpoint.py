@@ -42,7 +42,7 @@ def prune_checkpoint(spec: PruningSpec, source: str | os.PathLike, target: str |
         entries, data_start = _read_header(reader, str(source))
         actual = {name: f"{str(e['dtype']).removeprefix('torch.')}[{','.join(map(str, e['shape']))}]"
                   for name, e in entries.items()}  # fmt: skip
-        problems = compare_fingerprints(actual, spec.fingerprint, "the checkpoint")
+        problems = compare_fingerprints(actual, spec.fingerprint, spec.model, "the checkpoint")
         if problems:
             raise SpecError(f"{source}: {problems[0]}")
         kept = {name: _kept(spec, name, e["shape"]) for name, e in entries.items()}

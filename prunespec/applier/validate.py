@@ -74,7 +74,7 @@ def check(model: nn.Module, spec: PruningSpec) -> list[LayerChange]:
             f"schema_version: the spec has {spec.schema_version!r} but this prunespec applies {SCHEMA_VERSION!r}; "
             "read spec files with prunespec.load_spec, which migrates older versions"
         )
-    check_fingerprint(model, spec.fingerprint)
+    check_fingerprint(model, spec)
     modules = dict(model.named_modules())
     decoder = _Decoder(_index_fields(spec, modules))
     with torch.no_grad():
@@ -119,55 +119,107 @@ def fingerprint(model: nn.Module) -> dict[str, str]:
     return {key: describe(t) for key, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
 
 
-def check_fingerprint(model: nn.Module, expected: dict[str, str]) -> None:
+def check_fingerprint(model: nn.Module, spec: PruningSpec) -> None:
     """Raise `SpecError` naming the first tensor where the model differs from the spec's fingerprint."""
-    found = fingerprint_problems(model, expected)
+    found = fingerprint_problems(model, spec)
     if found:
         raise SpecError(found[0])
 
 
-def fingerprint_problems(model: nn.Module, expected: dict[str, str]) -> list[str]:
-    """Every tensor where the model differs from the spec's fingerprint, one message each.
+def fingerprint_problems(model: nn.Module, spec: PruningSpec) -> list[str]:
+    """Every tensor where the model differs from the spec's fingerprint, one message each; or, when more than a few
+    differ, one message that says which model the spec was planned for (see `compare_fingerprints`)."""
+    return compare_fingerprints(fingerprint(model), spec.fingerprint, spec.model, kind=type(model).__name__)
 
-    >>> for message in fingerprint_problems(nn.Linear(3, 2), {"weight": "float32[2,4]", "extra": "float32[2]"}):
+
+SAME_MODEL_DIFFERS_IN = 3
+"""More tensors than this differ from the fingerprint: the spec belongs to another model (or was applied already),
+and a message per tensor, with guesses at similar names, would only bury that."""
+
+
+def compare_fingerprints(
+    actual: dict[str, str], expected: dict[str, str], planned_for: str, holder: str = "the model", kind: str = ""
+) -> list[str]:
+    """How a name -> 'dtype[shape]' mapping (a model's, or a checkpoint file's) differs from a spec's fingerprint:
+    a message per tensor, or one message when more than `SAME_MODEL_DIFFERS_IN` tensors differ.
+
+    >>> spec = {"weight": "float32[2,4]", "extra": "float32[2]"}
+    >>> for message in compare_fingerprints({"weight": "float32[2,3]", "bias": "float32[2]"}, spec, "Linear"):
     ...     print(message.split(" but ")[0])
     fingerprint: tensor 'weight' is float32[2,4] in the spec
     fingerprint: the spec expects tensor 'extra' (float32[2])
     fingerprint: the model has tensor 'bias' (float32[2]) that the spec does not list
+    >>> other = {f"features.{i}.weight": "float32[8]" for i in range(5)}
+    >>> print(compare_fingerprints(other, spec, "torchvision:resnet18", kind="MobileNetV2")[0])
+    fingerprint: the spec was planned for torchvision:resnet18 (2 tensors); the model (MobileNetV2) differs in 2 of \
+them and has 5 more (first: it has no tensor 'weight')
     """
-    return compare_fingerprints(fingerprint(model), expected)
-
-
-def compare_fingerprints(actual: dict[str, str], expected: dict[str, str], holder: str = "the model") -> list[str]:
-    """`fingerprint_problems` for any name -> 'dtype[shape]' mapping: a model's, or a checkpoint file's."""
+    differ, extra = _differences(actual, expected)
+    if len(differ) + len(extra) > SAME_MODEL_DIFFERS_IN:
+        if differ and differ[0] in actual:
+            key = differ[0]
+            first = f"tensor {key!r} is {expected[key]} in the spec but {actual[key]} in {holder}"
+        else:
+            first = f"it has no tensor {differ[0]!r}" if differ else f"the spec does not list tensor {extra[0]!r}"
+        how = " and ".join(
+            ([f"differs in {len(differ)} of them"] if differ else []) + ([f"has {len(extra)} more"] if extra else [])
+        )
+        applied = "; was the spec applied to it already?" if not extra and all(
+            _smaller(actual.get(key), expected[key]) for key in differ
+        ) else ""
+        return [
+            f"fingerprint: the spec was planned for {planned_for} ({len(expected)} tensors); "
+            f"{holder}{f' ({kind})' if kind else ''} {how} (first: {first}){applied}"
+        ]
     found = []
-    for key, want in expected.items():
-        have = actual.get(key)
+    for key in differ:
+        want, have = expected[key], actual.get(key)
         if have is None:
             found.append(
                 f"fingerprint: the spec expects tensor {key!r} ({want}) but {holder} has none; {nearest(key, actual)}"
             )
-        elif have != want:
+        else:
             found.append(
                 f"fingerprint: tensor {key!r} is {want} in the spec but {have} in {holder} "
                 "(was the spec planned for another model, or applied already?)"
             )
-    for key, have in actual.items():
-        if key not in expected:
-            found.append(f"fingerprint: {holder} has tensor {key!r} ({have}) that the spec does not list")
+    found += [f"fingerprint: {holder} has tensor {key!r} ({actual[key]}) that the spec does not list" for key in extra]
     return found
+
+
+def _smaller(have: str | None, want: str) -> bool:
+    """Whether a tensor described as `have` could be `want` pruned: the same dtype and rank, no axis larger.
+
+    >>> _smaller("float32[6,3]", "float32[8,3]"), _smaller("float32[12,3]", "float32[8,3]"), _smaller(None, "int64[]")
+    (True, False, False)
+    """
+    if have is None:
+        return False
+    (have_type, have_shape), (want_type, want_shape) = (text.rstrip("]").split("[") for text in (have, want))
+    have_sizes, want_sizes = have_shape.split(","), want_shape.split(",")
+    return have_type == want_type and len(have_sizes) == len(want_sizes) and all(
+        int(a or 0) <= int(b or 0) for a, b in zip(have_sizes, want_sizes)
+    )
+
+
+def _differences(actual: dict[str, str], expected: dict[str, str]) -> tuple[list[str], list[str]]:
+    """The fingerprint's tensors that `actual` lacks or has otherwise, and the tensors only `actual` has."""
+    return [key for key, want in expected.items() if actual.get(key) != want], [k for k in actual if k not in expected]
 
 
 def problems(model: nn.Module, spec: PruningSpec) -> list[str]:
     """Every way `spec` does not fit `model`, one message each; empty exactly when `check` would pass.
 
     Unlike `check`, it goes on after a problem, so a reviewer sees all of them at once. The model is not modified.
-    The spec's `norm_folds` are checked too, although only `prune(..., fold_norms=True)` needs them.
+    The spec's `norm_folds` are checked too, although only `prune(..., fold_norms=True)` needs them. A spec planned
+    for another model gets the one message that says so: its layers would not fit either.
     """
     found = []
     if spec.schema_version != SCHEMA_VERSION:
         found.append(f"schema_version: the spec has {spec.schema_version!r}; this prunespec applies {SCHEMA_VERSION!r}")
-    found += fingerprint_problems(model, spec.fingerprint)
+    found += fingerprint_problems(model, spec)
+    if sum(map(len, _differences(fingerprint(model), spec.fingerprint))) > SAME_MODEL_DIFFERS_IN:
+        return found
     modules = dict(model.named_modules())
     decoder = _Decoder(_index_fields(spec, modules))
     pruned = {}

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prunespec.errors import PlanError, nearest
+from prunespec.errors import PlanError, nearest, option
 from prunespec.planner.criteria import CRITERIA, Criterion, feature_ranks, rows
 from prunespec.planner.graph import ChannelGraph
 from prunespec.planner.trace import OUTPUT, UNLABELLED, trace
@@ -98,6 +98,7 @@ def select(
     progress: Callable[[list], Iterable] | None = None,
     seed: int = 0,
     unit: str = "channels",
+    report: Callable[[str], None] | None = None,
 ) -> Selection:
     """Choose the least important channels (or heads) of `model`, as a `Selection` of requests for `plan`.
 
@@ -121,6 +122,7 @@ def select(
             criteria l1, l2, fpgm and lamp score a head's weights; "output" its contribution to the output
             projection on the calibration inputs. "blocks" chooses residual blocks to drop, by "influence" (one
             minus the cosine similarity of a block's input and output) or "random" (`units.BlockChoice`).
+        report: called with a line per step of a budget search ("search: amount 0.3125 keeps 49.2% of MACs").
 
     The model's weights, modes and hooks are left as they were.
 
@@ -136,6 +138,7 @@ def select(
     notes: list[str] = []
     target = target_macs if target_macs is not None else target_params
     measure = "MACs" if target_macs is not None else "parameters"
+    report = report or (lambda line: None)
     if unit == "blocks":
         from prunespec.planner.units import BlockChoice
 
@@ -146,7 +149,7 @@ def select(
 
         if target is None:
             return chosen_blocks(amount)
-        return _search(model, inputs, chosen_blocks, target, measure, constrained, reorder)
+        return _search(model, inputs, chosen_blocks, target, measure, constrained, reorder, report)
     if unit != "channels":
         from prunespec.planner.units import HeadChoice
 
@@ -159,7 +162,7 @@ def select(
 
         if target is None:
             return chosen_heads(amount)
-        return _search(model, inputs, chosen_heads, target, measure, constrained, reorder)
+        return _search(model, inputs, chosen_heads, target, measure, constrained, reorder, report)
     groups = _input_groups(graph, notes) if side == "input" else _output_groups(graph)
     groups = _without_excluded(groups, graph, list(exclude), include_io, notes)
     rule = CRITERIA[criterion]
@@ -176,7 +179,7 @@ def select(
 
     if target is None:
         return selection(amount)
-    return _search(model, inputs, selection, target, measure, constrained, reorder)
+    return _search(model, inputs, selection, target, measure, constrained, reorder, report)
 
 
 # ---------------------------------------------------------------------------------------------- candidates
@@ -251,7 +254,8 @@ def _without_excluded(groups: list[Group], graph: ChannelGraph, patterns: list[s
             # Suggest module prefixes too ('layer4' for 'layr4*'): a pattern usually names a block, not one weight.
             prefixes = {m.rsplit(".", k)[0] for m in modules for k in range(m.count(".") + 1)}
             bare = pattern.strip("*?[]")
-            raise PlanError(f"exclude pattern {pattern!r} matches no layer; " + nearest(bare, sorted(prefixes | known)))
+            suggestion = nearest(bare, sorted(prefixes | known))
+            raise PlanError(f"{option('exclude', pattern)} matches no layer; {suggestion}")
 
     def excluded(weight: str) -> bool:
         module = weight.rpartition(".")[0]
@@ -268,10 +272,11 @@ def _without_excluded(groups: list[Group], graph: ChannelGraph, patterns: list[s
             kept.append(group)
     if io_out:
         notes.append(
-            f"left out, they read the model input or write its output (include_io to choose there): {', '.join(io_out)}"
+            "left out, they read the model input or write its output "
+            f"({option('include_io', True)} to choose there): {', '.join(io_out)}"
         )
     if matched:
-        notes.append(f"left out by exclude patterns: {', '.join(matched)}")
+        notes.append(f"left out by {option('exclude')} patterns: {', '.join(matched)}")
     return kept
 
 
@@ -474,7 +479,9 @@ def _feature_scores(model, groups: list[Group], batches, progress, notes) -> lis
 # ---------------------------------------------------------------------------------------------- budgets
 
 
-def _search(model, inputs, selection, target: float, measure: str, constrained: bool, reorder: bool) -> Selection:
+def _search(
+    model, inputs, selection, target: float, measure: str, constrained: bool, reorder: bool, report: Callable
+) -> Selection:
     """Bisect the amount whose plan keeps `target` of the dense model's MACs or parameters."""
     from prunespec.planner import plan
 
@@ -486,7 +493,9 @@ def _search(model, inputs, selection, target: float, measure: str, constrained: 
             (s.macs_before, s.macs_after) if measure == "MACs" else (s.parameters_before, s.parameters_after)
         )
         chosen.spec = spec
-        return chosen, after / before if before else 1.0
+        kept = after / before if before else 1.0
+        report(f"search: amount {a:.4f} keeps {kept:.1%} of {measure}")
+        return chosen, kept
 
     # The best plan fits the budget (up to the tolerance) and comes closest to it; MACs and parameters fall in steps
     # as the amount grows, so a small model may have no plan within 1%.
@@ -515,7 +524,8 @@ def _search(model, inputs, selection, target: float, measure: str, constrained: 
         verdict = "cannot get down to it; the smallest plan keeps"
     best.notes = [
         *best.notes,
-        f"target {measure} {target:.1%} of the dense model: {verdict} {reached:.2%} at amount {best.amount:.4f}",
+        f"target {measure} {target:.1%} of the dense model: {verdict} {reached:.2%} at "
+        f"{option('amount', round(best.amount, 4))}",
     ]
     return best
 
@@ -524,28 +534,32 @@ def _check_arguments(criterion, amount, side, scope, round_to, target_macs, targ
     from prunespec.planner.units import BLOCK_CRITERIA, HEAD_CRITERIA, UNITS
 
     if unit not in UNITS:
-        raise PlanError(f"unit {unit!r}: use one of {', '.join(UNITS)}")
+        raise PlanError(f"{option('unit', unit)}: use one of {', '.join(UNITS)}")
     known = {"channels": CRITERIA, "blocks": BLOCK_CRITERIA}.get(unit, HEAD_CRITERIA)
     if criterion not in known:
-        raise PlanError(f"criterion {criterion!r} does not choose {unit}; use one of {', '.join(known)}")
+        raise PlanError(f"{option('criterion', criterion)} does not choose {unit}; use one of {', '.join(known)}")
     if side not in SIDES:
-        raise PlanError(f"side {side!r}: use 'input' (per consumer) or 'output' (per segment of producers)")
+        raise PlanError(f"{option('side', side)}: use 'input' (per consumer) or 'output' (per segment of producers)")
     if scope not in SCOPES:
-        raise PlanError(f"scope {scope!r}: use 'local' (per layer) or 'global' (ranked across layers)")
+        raise PlanError(f"{option('scope', scope)}: use 'local' (per layer) or 'global' (ranked across layers)")
     if criterion in CRITERIA and CRITERIA[criterion].global_only and scope != "global":
         raise PlanError(
             f"{criterion} ranks channels across layers; layer by layer it picks the same channels as l2: "
-            "use the global scope (--scope global), or criterion l2"
+            f"use the global scope ({option('scope', 'global')}), or {option('criterion', 'l2')}"
         )
     if not isinstance(round_to, int) or round_to < 1:
-        raise PlanError(f"round_to {round_to!r}: give a whole number of channels, 1 or more (8 suits most hardware)")
+        raise PlanError(
+            f"{option('round_to', round_to)}: give a whole number of channels, 1 or more (8 suits most hardware)"
+        )
     if target_macs is not None and target_params is not None:
         raise PlanError("give a MACs target or a parameters target, not both")
     for what, value in (("target_macs", target_macs), ("target_params", target_params)):
         if value is not None and not 0 < value <= 1:
-            raise PlanError(f"{what} {value!r}: give the fraction of the dense model to keep, above 0 and at most 1")
+            raise PlanError(
+                f"{option(what, value)}: give the fraction of the dense model to keep, above 0 and at most 1"
+            )
     if target_macs is None and target_params is None and (amount is None or not 0 <= amount <= 1):
-        raise PlanError(f"amount {amount!r}: give the fraction of channels to prune, from 0 to 1, such as 0.3")
+        raise PlanError(f"{option('amount', amount)}: give the fraction of channels to prune, from 0 to 1, such as 0.3")
 
 
 # ---------------------------------------------------------------------------------------------- reporting

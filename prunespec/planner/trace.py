@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from prunespec.applier.rules import rule_for, runs_own_forward
+from prunespec.errors import PlanError, on_command_line
 from prunespec.planner import ops
 from prunespec.planner.graph import Binding, ChannelGraph, ChannelMap, Fold, Renorm, SplitMap
 from prunespec.planner.meta import made_output
@@ -441,7 +442,60 @@ def trace(
                 return _trace(model, inputs, run, through_norms, bypass)
             except Exception:  # data-dependent control flow, mixed devices, ops without a meta kernel, ...
                 pass
-    return _trace(model, inputs, "real", through_norms, bypass)
+    try:
+        return _trace(model, inputs, "real", through_norms, bypass)
+    except _RunFailed as failed:
+        raise PlanError(does_not_run(model, inputs, failed.layer, failed.error)) from failed.error
+
+
+class _RunFailed(Exception):
+    """The model's forward raised `error` while layer `layer` ran (the innermost module; "" for the model's own
+    code, None when no module was running)."""
+
+    def __init__(self, layer: str | None, error: Exception) -> None:
+        super().__init__(layer, error)
+        self.layer, self.error = layer, error
+
+
+def does_not_run(model: torch.nn.Module, inputs: Sequence[torch.Tensor], layer: str | None, error: Exception) -> str:
+    """The one-line message for a model whose forward fails on the example inputs: their shapes, the layer that
+    failed with torch's own words, and the inputs that layer takes.
+
+    >>> conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
+    >>> print(does_not_run(conv, [torch.empty(1, 3, 64)], "0", RuntimeError("Expected 3D or 4D input")))
+    the model cannot run on example inputs of shape [1, 3, 64]: layer '0' (Conv2d) fails: RuntimeError: Expected \
+3D or 4D input; a Conv2d takes inputs of rank 4, NxCxHxW with C = 3
+    """
+    shapes = [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
+    if on_command_line():
+        given = " ".join(f"--input-shape {'x'.join(map(str, s))}" for s in shapes)
+    else:
+        given = f"example inputs of shape {' and '.join(map(str, shapes))}"
+    text = str(error).strip()
+    why = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    if layer:
+        module = model.get_submodule(layer)
+        where = f"layer {layer!r} ({type(module).__name__}) fails"
+        takes = _takes(module)
+        takes = f"; a {type(module).__name__} takes {takes}" if takes else ""
+    else:
+        where, takes = "its forward fails", ""
+    return f"the model cannot run on {given}: {where}: {why}{takes}"
+
+
+def _takes(module: torch.nn.Module) -> str | None:
+    """The inputs a layer reads, for `does_not_run`: a convolution's or batch norm's layout, a linear layer's width."""
+    axes = {1: "L", 2: "HxW", 3: "DxHxW"}
+    if isinstance(module, torch.nn.modules.conv._ConvNd) and len(module.kernel_size) in axes:
+        spatial = len(module.kernel_size)
+        return f"inputs of rank {spatial + 2}, NxCx{axes[spatial]} with C = {module.in_channels}"
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, torch.nn.BatchNorm1d):
+        spatial = {torch.nn.BatchNorm2d: 2, torch.nn.BatchNorm3d: 3}.get(type(module))
+        if spatial:
+            return f"inputs of rank {spatial + 2}, NxCx{axes[spatial]} with C = {module.num_features}"
+    if isinstance(module, torch.nn.Linear):
+        return f"inputs whose last axis has {module.in_features} features"
+    return None
 
 
 def _trace(
@@ -462,10 +516,14 @@ def _trace(
         with torch.no_grad(), fake_mode:
             args = [_shape_only(x, run, fake_mode, model) for x in inputs]
             with tracer:
-                if twins:
-                    out = functional_call(model, twins, tuple(args), tie_weights=False, strict=True)
-                else:
-                    out = model(*args)
+                try:
+                    if twins:
+                        out = functional_call(model, twins, tuple(args), tie_weights=False, strict=True)
+                    else:
+                        out = model(*args)
+                except Exception as e:  # whatever the model's own forward raises
+                    running = [entry[0] for entry in tracer._running if entry[0] is not None]
+                    raise _RunFailed(running[-1] if running else None, e) from e
     finally:
         for handle in hooks:
             handle.remove()

@@ -215,6 +215,28 @@ class Summary(_Struct):
     macs_after: int
     subselections: int
 
+    def __str__(self) -> str:
+        """One line for people (the JSON keeps the fields).
+
+        >>> print(Summary(parameters_before=200, parameters_after=150, macs_before=4000, macs_after=3000,
+        ...               subselections=1))
+        parameters 200 -> 150 (-25.0%), MACs 4,000 -> 3,000 (-25.0%), 1 activation subselection(s)
+        """
+        return (
+            f"parameters {change(self.parameters_before, self.parameters_after)}, "
+            f"MACs {change(self.macs_before, self.macs_after)}, {self.subselections} activation subselection(s)"
+        )
+
+
+def change(before: int, after: int) -> str:
+    """Before -> after, with the relative change.
+
+    >>> change(200, 150), change(0, 0)
+    ('200 -> 150 (-25.0%)', '0 -> 0')
+    """
+    percent = f" ({(after - before) / before * 100:+.1f}%)" if before else ""
+    return f"{before:,} -> {after:,}{percent}"
+
 
 class PruningSpec(_Struct):
     """A compiled pruning request for one model: what to keep, per tensor and axis, and where to gather.
@@ -244,6 +266,36 @@ class PruningSpec(_Struct):
     checkpoint may store once; since schema 1.3)."""
     schema_version: str = SCHEMA_VERSION
     generator: str = "prunespec"
+
+    def __repr__(self) -> str:
+        """Short: the fields' own repr runs to megabytes on a large model.
+
+        >>> PruningSpec(model="Net", inputs=[], request=Request([], [], False, True),
+        ...             summary=Summary(10, 8, 100, 80, 0), layers={}, fingerprint={})
+        <PruningSpec of Net, schema 1.3: 0 layers, parameters 10 -> 8 (-20.0%)>
+        """
+        s = self.summary
+        return (
+            f"<PruningSpec of {self.model}, schema {self.schema_version}: {len(self.layers)} layers, "
+            f"parameters {change(s.parameters_before, s.parameters_after)}>"
+        )
+
+    def __str__(self) -> str:
+        """What `print(spec)` shows: the model, the schema and mode, the summary and what else the spec holds.
+
+        >>> print(PruningSpec(model="Net", inputs=[], request=Request([], [], False, True),
+        ...                   summary=Summary(10, 8, 100, 80, 0), layers={}, fingerprint={}))
+        pruning spec of Net (schema 1.3, unconstrained, reordered)
+          parameters 10 -> 8 (-20.0%), MACs 100 -> 80 (-20.0%), 0 activation subselection(s)
+          0 layers touched, 0 groups of channels kept, 0 batch norms to fold
+        """
+        mode = "constrained" if self.request.constrained else "unconstrained"
+        mode += ", reordered" if self.request.reorder else ", not reordered"
+        return (
+            f"pruning spec of {self.model} (schema {self.schema_version}, {mode})\n  {self.summary}\n"
+            f"  {len(self.layers)} layers touched, {len(self.kept)} groups of channels kept, "
+            f"{len(self.norm_folds)} batch norms to fold"
+        )
 
     def to_json(self) -> bytes:
         """Canonical JSON: the same spec always gives the same bytes."""
