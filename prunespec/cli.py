@@ -30,7 +30,7 @@ from torch import nn
 import prunespec
 from prunespec import review
 from prunespec.errors import PlanError, SpecError, naming_flags
-from prunespec.models import ModelError, load_model, read_calibration
+from prunespec.models import ModelError, checkpoint_tensors, example_inputs, load_model, read_calibration
 from prunespec.schemas import atomic_path
 from prunespec.schemas.spec import change
 
@@ -147,8 +147,8 @@ def parse_channels(text: str) -> list[int]:
     return channels
 
 
-def parse_channel_request(text: str, option: str = "--prune-input") -> list[tuple[str, int]]:
-    """Parse `PARAM:CH[,CH...]` into (parameter name, channel) pairs.
+def parse_channel_request(text: str, option: str = "--prune-input", form: str | None = None) -> list[tuple[str, int]]:
+    """Parse `PARAM:CH[,CH...]` (or `MODULE:H[,H...]` for heads) into (name, index) pairs.
 
     >>> parse_channel_request("layer2.0.conv1.weight:3,9-10")
     [('layer2.0.conv1.weight', 3), ('layer2.0.conv1.weight', 9), ('layer2.0.conv1.weight', 10)]
@@ -161,19 +161,36 @@ def parse_channel_request(text: str, option: str = "--prune-input") -> list[tupl
     name, colon, channels = text.rpartition(":")
     name = name.strip()
     if not colon or not name or not channels.strip():
-        raise CliError(f"{option} {text!r}: expected PARAM:CH[,CH...] like 'layer1.0.conv1.weight:0-7,12'")
+        form = form or "PARAM:CH[,CH...] like 'layer1.0.conv1.weight:0-7,12'"
+        raise CliError(f"{option} {text!r}: expected {form}")
     try:
         return [(name, c) for c in parse_channels(channels)]
     except ValueError as e:
         raise CliError(f"{option} {text!r}: {e}") from None
 
 
-def _requests(texts: list[str] | None, option: str) -> list[tuple[str, int]]:
+def _requests(texts: list[str] | None, option: str, form: str | None = None) -> list[tuple[str, int]]:
     """All pairs of a repeated option, without duplicates, in the order given."""
     pairs: list[tuple[str, int]] = []
     for text in texts or []:
-        pairs.extend(parse_channel_request(text, option))
+        pairs.extend(parse_channel_request(text, option, form))
     return list(dict.fromkeys(pairs))
+
+
+def planning_inputs(network: nn.Module, model: str, shapes, dtype: torch.dtype | None) -> list[torch.Tensor]:
+    """The example inputs `plan` traces with: the given shapes and dtype, else the model's own default input
+    (token ids, pixel values), else a random image batch of `DEFAULT_SHAPE`."""
+    generator = torch.Generator().manual_seed(0)
+    if shapes is None:
+        found = example_inputs(network, model)
+        if found is not None and dtype is None:
+            return found
+        shapes = [tuple(t.shape) for t in found] if found is not None else [parse_shape(DEFAULT_SHAPE)]
+    dtype = dtype or torch.float32
+    if dtype.is_floating_point:
+        return [torch.randn(shape, generator=generator, dtype=dtype) for shape in shapes]
+    high = getattr(getattr(network, "config", None), "vocab_size", None) or 2  # token ids within the vocabulary
+    return [torch.randint(0, high, shape, generator=generator, dtype=dtype) for shape in shapes]
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -295,22 +312,77 @@ def plan_command(
         _choosing("--zeroed", help="Also prune channels whose weights are all zero."),
     ] = False,
     seed: Annotated[int, _choosing("--seed", help="Seed of --criterion random.")] = 0,
+    unit: Annotated[
+        str,
+        _choosing(
+            "--unit",
+            metavar="channels|heads|kv_heads|blocks",
+            help="What the criterion chooses: channels, attention heads, key/value heads, or residual blocks "
+            "(criteria for heads: l1, l2, fpgm, lamp, output, random; for blocks: influence, random).",
+        ),
+    ] = "channels",
+    prune_heads: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--prune-heads", metavar="MODULE:H[,H...]", help="Attention heads of an attention module to remove."
+        ),
+    ] = None,
+    prune_kv_heads: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--prune-kv-heads",
+            metavar="MODULE:G[,G...]",
+            help="Key/value heads to remove, each with its group of query heads.",
+        ),
+    ] = None,
+    drop_blocks: Annotated[
+        Optional[list[str]],
+        typer.Option("--drop-blocks", metavar="MODULE[,MODULE]", help="Residual blocks to drop; repeatable."),
+    ] = None,
+    through_norms: Annotated[
+        bool,
+        typer.Option(
+            "--through-norms",
+            help="Let channels that norms normalise together go (a transformer's hidden width); the pruned norms "
+            "take their statistics over the channels they keep.",
+        ),
+    ] = False,
+    uniform: Annotated[
+        bool,
+        typer.Option(
+            "--uniform", help="Require a plan the model's config can describe (from_pretrained loads the result)."
+        ),
+    ] = False,
+    input_dtype: Annotated[
+        Optional[str],
+        typer.Option(
+            "--input-dtype", metavar="DTYPE", help="dtype of the --input-shape inputs, e.g. int64 for token ids."
+        ),
+    ] = None,
 ) -> None:
     """Trace MODEL and write a pruning spec.
 
-    Name channels with --prune-input/--prune-output, let a --criterion choose them, or both. With neither, the
-    channels whose weights are all zero are pruned.
+    Name channels, heads or blocks to remove (--prune-input, --prune-output, --prune-heads, --prune-kv-heads,
+    --drop-blocks), let a --criterion choose them, or both. With none, the channels whose weights are all zero are
+    pruned. An hf: model is planned from its config alone, on the meta device, with token ids or pixel values for
+    input (--input-shape and --input-dtype override them).
     """
     with _reporting_errors(), naming_flags():
-        shapes = [parse_shape(s) for s in input_shape or [DEFAULT_SHAPE]]
+        shapes = [parse_shape(s) for s in input_shape] if input_shape else None
+        dtype = _dtype(input_dtype) if input_dtype is not None else None
         pruned_inputs = _requests(prune_input, "--prune-input")
         pruned_outputs = _requests(prune_output, "--prune-output")
+        pruned_heads = _requests(prune_heads, "--prune-heads", "MODULE:H[,H...] like 'model.layers.3.self_attn:0,5'")
+        pruned_kv_heads = _requests(prune_kv_heads, "--prune-kv-heads", "MODULE:G[,G...] like 'model.layers.3.self_attn:1'")
+        pruned_blocks = [b.strip() for text in drop_blocks or [] for b in text.split(",") if b.strip()]
         choosing = _choosing_options(criterion, amount, target_macs, target_params, calibration)
         _check_output_folder(output)
 
-        network = load_model(model, weights)
-        generator = torch.Generator().manual_seed(0)
-        inputs = [torch.randn(shape, generator=generator) for shape in shapes]
+        # A Hugging Face folder is planned on meta, from its config alone, unless the criterion runs the model.
+        runs_model = zeroed or criterion in ("hrank", "output", "influence")
+        network = load_model(model, weights, meta=model.startswith("hf:") and not runs_model)
+        inputs = planning_inputs(network, model, shapes, dtype)
+        tensors = checkpoint_tensors(model.removeprefix("hf:")) if model.startswith("hf:") and not runs_model else None
 
         notes: list[str] = []
         if choosing:
@@ -319,28 +391,42 @@ def plan_command(
                 network, inputs, criterion=criterion, amount=amount, side=side, scope=scope, round_to=round_to,
                 exclude=exclude or (), include_io=include_io, zeroed=zeroed, target_macs=target_macs,
                 target_params=target_params, constrained=constrained, reorder=reorder, calibration=batches,
-                progress=_progress_bar("hrank feature maps") if criterion == "hrank" else None, seed=seed,
-                report=lambda line: typer.echo(line, err=True),
+                progress=_progress_bar(f"{criterion} on the calibration inputs") if runs_model else None, seed=seed,
+                report=lambda line: typer.echo(line, err=True), unit=unit, through_norms=through_norms,
+                weights=tensors,
             )  # fmt: skip
             pruned_inputs = list(dict.fromkeys([*pruned_inputs, *selection.pruned_inputs]))
             pruned_outputs = list(dict.fromkeys([*pruned_outputs, *selection.pruned_outputs]))
+            pruned_heads = list(dict.fromkeys([*pruned_heads, *selection.pruned_heads]))
+            pruned_kv_heads = list(dict.fromkeys([*pruned_kv_heads, *selection.pruned_kv_heads]))
+            pruned_blocks = list(dict.fromkeys([*pruned_blocks, *selection.pruned_blocks]))
             notes = selection.notes
         elif zeroed:
             raise CliError("--zeroed adds all-zero channels to a --criterion choice; without one, name no channels")
-        # No channels named (both None): the planner looks for weight channels that training already zeroed out.
-        named = bool(pruned_inputs or pruned_outputs or choosing)
+        # Nothing named (all None): the planner looks for weight channels that training already zeroed out.
+        named = bool(pruned_inputs or pruned_outputs or pruned_heads or pruned_kv_heads or pruned_blocks or choosing)
+        if not named and any(p.is_meta for p in network.parameters()):
+            raise CliError("name channels, heads or blocks to remove, or a --criterion: finding all-zero channels "
+                           "reads every weight of an hf: model")  # fmt: skip
         spec = prunespec.plan(
             network,
             inputs,
             pruned_inputs=pruned_inputs if named else None,
             pruned_outputs=pruned_outputs if named else None,
+            pruned_heads=pruned_heads or None,
+            pruned_kv_heads=pruned_kv_heads or None,
+            pruned_blocks=pruned_blocks or None,
             constrained=constrained,
             reorder=reorder,
             strict=strict,
+            through_norms=through_norms,
+            uniform=uniform,
         )
         spec.model = model
         spec.save(output)
-        typer.echo(describe_plan(spec, output, asked_channels(bool(prune_input or prune_output), criterion, zeroed)))
+        asked = asked_channels(bool(prune_input or prune_output or prune_heads or prune_kv_heads or drop_blocks),
+                               criterion, zeroed)  # fmt: skip
+        typer.echo(describe_plan(spec, output, asked))
         if choosing:
             typer.echo(describe_selection(criterion, side, scope, notes, spec, round_to))
 
@@ -443,10 +529,11 @@ def apply_command(
             # folded in float64 too, so that the check sees the plan, not the rounding of folded float32 weights.
             pruned = prunespec.prune(copy.deepcopy(original), spec).double()
             pruned = prunespec.fold_norms(pruned, spec) if fold else pruned
+            tokens = getattr(getattr(network, "config", None), "vocab_size", None)
             difference, scale = _max_difference(
                 pruned=prunespec.to_channels_last(pruned) if channels_last else pruned,
                 mocked=prunespec.mock(original, spec),
-                inputs=example_inputs(spec, torch.float64),
+                inputs=spec_inputs(spec, torch.float64, tokens),
             )
             relative = difference / max(1.0, scale)
             ok = relative <= tolerance  # False for NaN
@@ -740,8 +827,11 @@ def _check_output_folder(output: Path) -> None:
         raise CliError(f"output {str(output)!r} is a folder; name a file")
 
 
-def example_inputs(spec: prunespec.PruningSpec, float_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-    """Seeded random inputs with the spec's shapes and dtypes; `float_dtype` overrides floating dtypes."""
+def spec_inputs(
+    spec: prunespec.PruningSpec, float_dtype: torch.dtype | None = None, tokens: int | None = None
+) -> list[torch.Tensor]:
+    """Seeded random inputs with the spec's shapes and dtypes; `float_dtype` overrides floating dtypes. Integer
+    inputs are token ids below `tokens` (a model's vocabulary size), or zeros, valid for any table size."""
     generator = torch.Generator().manual_seed(0)
     inputs = []
     for info in spec.inputs:
@@ -749,8 +839,9 @@ def example_inputs(spec: prunespec.PruningSpec, float_dtype: torch.dtype | None 
         if dtype.is_floating_point or dtype.is_complex:
             dtype = float_dtype if float_dtype is not None and dtype.is_floating_point else dtype
             inputs.append(torch.randn(info.shape, generator=generator, dtype=dtype))
+        elif tokens and dtype != torch.bool:
+            inputs.append(torch.randint(0, tokens, info.shape, generator=generator, dtype=dtype))
         else:
-            # Integer and bool inputs are usually indices or masks; zeros are valid for any table size.
             inputs.append(torch.zeros(info.shape, dtype=dtype))
     return inputs
 
@@ -788,7 +879,7 @@ def _write_model(model: nn.Module, spec: prunespec.PruningSpec, output: Path) ->
     suffix = output.suffix.lower()
     if suffix == ".pt2":
         typer.echo(f"exporting {output} (torch.export) ...", err=True)
-        program = torch.export.export(model, tuple(example_inputs(spec)))
+        program = torch.export.export(model, tuple(spec_inputs(spec)))
         with atomic_path(output) as tmp, warnings.catch_warnings():
             # torch warns of every weight that is not contiguous in NCHW order, channels-last ones included, and
             # then stores its whole storage, which is right for them (tests/test_layout.py compares the outputs).
@@ -836,9 +927,11 @@ def describe_plan(spec: prunespec.PruningSpec, output: Path, asked: str = "named
         f"  layers touched:           {len(spec.layers)}",
         f"  activation subselections: {s.subselections}",
     ]
+    for title, section in review.unit_lines(spec):
+        lines += [f"  {title}:", *(f"    {line}" for line in section)]
     if spec.kept:
         lines.append(f"  kept {len(spec.kept)} group(s) of the {asked}:")
-        lines.extend(f"    {k.tensor} {k.side} channels {k.channels} kept: {k.reason}" for k in spec.kept)
+        lines.extend(f"    {k.tensor} {k.side.replace('_', ' ')} {k.channels} kept: {k.reason}" for k in spec.kept)
     return "\n".join(lines)
 
 

@@ -263,7 +263,7 @@ def test_expected_failures_are_one_line_errors(tiny_spec: Path, tmp_path: Path) 
     apply_tiny = ["apply", tiny_spec, TINY]
     # name: (command, fragments the error line must contain)
     cases: dict[str, tuple[list[object], list[str]]] = {
-        "bad-specifier": (["plan", "resnet18", "-o", "out.json"], ["'torchvision:resnet18' or 'package.module:"]),
+        "bad-specifier": (["plan", "resnet18", "-o", "out.json"], ["'hf:path/to/folder' or 'package.module:"]),
         "unknown-torchvision-name": (["plan", "torchvision:resnet81", "-o", "out.json"], ["resnet81", "'resnet18'"]),
         "bad-shape": ([*plan_tiny, "--input-shape", "1x3xfoo"], ["1x3xfoo", "1x3x224x224"]),
         "bad-request": ([*plan_tiny, "--prune-input", "3.weight"], ["PARAM:CH"]),

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -99,6 +99,8 @@ def select(
     seed: int = 0,
     unit: str = "channels",
     report: Callable[[str], None] | None = None,
+    through_norms: bool = False,
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> Selection:
     """Choose the least important channels (or heads) of `model`, as a `Selection` of requests for `plan`.
 
@@ -123,6 +125,9 @@ def select(
             projection on the calibration inputs. "blocks" chooses residual blocks to drop, by "influence" (one
             minus the cosine similarity of a block's input and output) or "random" (`units.BlockChoice`).
         report: called with a line per step of a budget search ("search: amount 0.3125 keeps 49.2% of MACs").
+        through_norms: see `prunespec.plan`: the channels of a residual stream through norms become candidates.
+        weights: the tensors the criteria read, by name, for a model that has none of its own (built on meta from a
+            config: `models.checkpoint_tensors` reads them from the checkpoint one at a time).
 
     The model's weights, modes and hooks are left as they were.
 
@@ -134,8 +139,9 @@ def select(
     """
     inputs = [example_inputs] if isinstance(example_inputs, torch.Tensor) else list(example_inputs)
     _check_arguments(criterion, amount, side, scope, round_to, target_macs, target_params, unit)
-    graph = trace(model, inputs)
+    graph = trace(model, inputs, through_norms=through_norms)
     notes: list[str] = []
+    tensors = _weights(model, weights)
     target = target_macs if target_macs is not None else target_params
     measure = "MACs" if target_macs is not None else "parameters"
     report = report or (lambda line: None)
@@ -154,7 +160,7 @@ def select(
         from prunespec.planner.units import HeadChoice
 
         heads = HeadChoice(model, graph, unit, criterion, scope, round_to, exclude, calibration or [inputs], progress,
-                           seed, notes)  # fmt: skip
+                           seed, notes, tensors)  # fmt: skip
         field_name = "pruned_heads" if unit == "heads" else "pruned_kv_heads"
 
         def chosen_heads(a: float) -> Selection:
@@ -166,8 +172,8 @@ def select(
     groups = _input_groups(graph, notes) if side == "input" else _output_groups(graph)
     groups = _without_excluded(groups, graph, list(exclude), include_io, notes)
     rule = CRITERIA[criterion]
-    scales = norm_scales(model, graph) if side == "output" else {}
-    groups = _scored(groups, rule, model, scales, calibration or [inputs], progress, seed, notes)
+    scales = norm_scales(model, graph, tensors) if side == "output" else {}
+    groups = _scored(groups, rule, model, tensors, scales, calibration or [inputs], progress, seed, notes)
     choice = Choice(groups, rule.rescale, scope, round_to)
     extra: tuple[Pairs, Pairs] = _zeroed(model, graph) if zeroed else ([], [])
 
@@ -301,7 +307,36 @@ def _union(a: Pairs, b: Pairs) -> Pairs:
 # ---------------------------------------------------------------------------------------------- choosing
 
 
-def _scored(groups: list[Group], rule: Criterion, model, scales, batches, progress, seed: int, notes):
+def _weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor] | None) -> Mapping[str, torch.Tensor]:
+    """The tensors criteria read: the model's own, or for a model on meta, `weights` (which must then be given)."""
+    own = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
+    if weights is None:
+        return own
+    return _Weights(own, weights)
+
+
+class _Weights(Mapping):
+    """The model's tensors, each on meta read from `weights` when asked for."""
+
+    def __init__(self, own: dict[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> None:
+        self.own, self.weights = own, weights
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self.own[name]
+        if not tensor.is_meta:
+            return tensor
+        if name not in self.weights:
+            raise PlanError(f"the criterion reads {name}, which the checkpoint does not hold")
+        return self.weights[name]
+
+    def __iter__(self):
+        return iter(self.own)
+
+    def __len__(self) -> int:
+        return len(self.own)
+
+
+def _scored(groups: list[Group], rule: Criterion, model, tensors, scales, batches, progress, seed: int, notes):
     """The groups with `Group.scores` filled in by `rule`; hrank drops groups it has no feature maps for.
 
     `scales` multiply a weight's rows before scoring (`norm_scales`: producers folded with their batch norm).
@@ -313,7 +348,6 @@ def _scored(groups: list[Group], rule: Criterion, model, scales, batches, progre
         for group in groups:
             group.scores = torch.rand(len(group.candidates), generator=generator, dtype=torch.float64)
         return groups
-    tensors = dict(model.named_parameters())
     for group in groups:
         per_weight = {}
         for weight, axis in group.axes.items():
@@ -324,13 +358,12 @@ def _scored(groups: list[Group], rule: Criterion, model, scales, batches, progre
     return groups
 
 
-def norm_scales(model: torch.nn.Module, graph: ChannelGraph) -> dict[str, torch.Tensor]:
+def norm_scales(model: torch.nn.Module, graph: ChannelGraph, tensors: Mapping) -> dict[str, torch.Tensor]:
     """Per producer weight, how the batch norm right after it scales each output channel: |γ| / √(var + ε).
 
     A filter's norm says little when a batch norm rescales its output; scored folded with the norm, a filter counts
     as it acts. The norm right after a producer is the one whose statistics run along the producer's own slots.
     """
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     bound = {b.tensor: b for b in graph.bindings}
     after: dict[int, torch.Tensor] = {}
     for name, binding in bound.items():

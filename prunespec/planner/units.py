@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -51,6 +51,7 @@ class HeadChoice:
         progress: Callable[[list], Iterable] | None,
         seed: int,
         notes: list[str],
+        tensors: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if criterion not in HEAD_CRITERIA:
             raise PlanError(f"criterion {criterion!r} does not score heads; use one of {', '.join(HEAD_CRITERIA)}")
@@ -59,7 +60,9 @@ class HeadChoice:
             raise PlanError("no prunable attention heads were traced in this model; choose channels instead")
         self.kv = unit == "kv_heads"
         candidates = [_candidates(graph, h, self.kv) for h in self.attentions]
-        self.scores = _scores(model, graph, self.attentions, candidates, criterion, batches, progress, seed, notes)
+        tensors = tensors if tensors is not None else dict(model.named_parameters(remove_duplicate=False))
+        self.scores = _scores(model, graph, self.attentions, candidates, criterion, batches, progress, seed, notes,
+                              tensors)  # fmt: skip
         self.scope, self.round_to, self.criterion = scope, round_to, criterion
 
     def pick(self, amount: float) -> Pairs:
@@ -115,7 +118,7 @@ def _candidates(graph: ChannelGraph, heads: Heads, kv: bool) -> list[list[int]]:
     ]
 
 
-def _scores(model, graph, attentions, candidates, criterion, batches, progress, seed, notes) -> list:
+def _scores(model, graph, attentions, candidates, criterion, batches, progress, seed, notes, tensors) -> list:
     """One score per candidate of each attention (higher is more important); None for an attention left out."""
     if criterion == "random":
         generator = torch.Generator().manual_seed(seed)
@@ -123,7 +126,7 @@ def _scores(model, graph, attentions, candidates, criterion, batches, progress, 
     if criterion == "output":
         return _output_scores(model, graph, attentions, candidates, batches, progress, notes)
     rule = CRITERIA[criterion]
-    vectors = _head_weights(model, graph, candidates)
+    vectors = _head_weights(tensors, graph, candidates)
     return [rule.score(v) for v in vectors]
 
 
@@ -141,19 +144,20 @@ def _slices(graph: ChannelGraph) -> dict[int, list[tuple[str, int, int]]]:
     return found
 
 
-def _head_weights(model, graph: ChannelGraph, candidates: list[list[list[int]]]) -> list[torch.Tensor]:
+def _head_weights(tensors, graph: ChannelGraph, candidates: list[list[list[int]]]) -> list[torch.Tensor]:
     """Per attention, a matrix with one row per candidate: all the weights of its heads, laid end to end."""
-    tensors = dict(model.named_parameters(remove_duplicate=False))
     slices = _slices(graph)
     matrices = []
     for attention in candidates:
+        read: dict[str, torch.Tensor] = {}  # each weight once, even when it comes from a checkpoint on disk
         rows = []
         for roots in attention:
-            parts = [
-                tensors[w].detach().to(torch.float64).select(axis, i).reshape(-1)
-                for r in roots
-                for w, axis, i in slices.get(r, [])
-            ]
+            parts = []
+            for r in roots:
+                for w, axis, i in slices.get(r, []):
+                    if w not in read:
+                        read[w] = tensors[w].detach().to(torch.float64)
+                    parts.append(read[w].select(axis, i).reshape(-1))
             rows.append(torch.cat(parts) if parts else torch.zeros(1, dtype=torch.float64))
         width = max(len(r) for r in rows)
         matrices.append(torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows]))
