@@ -138,6 +138,23 @@ def fingerprint_problems(model: nn.Module, expected: dict[str, str]) -> list[str
     return compare_fingerprints(fingerprint(model), expected)
 
 
+# Floating dtypes a spec may be planned in and applied in interchangeably: checkpoints of large models are stored in
+# one (bfloat16) and planned or run in another, and the kept indices do not depend on it.
+FLOATING = frozenset({"float16", "bfloat16", "float32", "float64"})
+
+
+def same_tensor_type(have: str, want: str) -> bool:
+    """Whether two fingerprint entries describe the same tensor: the same shape, and the same dtype unless both are
+    floating (integer and bool tensors hold indices or flags, whose dtype is part of what they mean).
+
+    >>> same_tensor_type("bfloat16[64,3]", "float32[64,3]"), same_tensor_type("int32[]", "int64[]")
+    (True, False)
+    """
+    have_dtype, _, have_shape = have.partition("[")
+    want_dtype, _, want_shape = want.partition("[")
+    return have_shape == want_shape and (have_dtype == want_dtype or {have_dtype, want_dtype} <= FLOATING)
+
+
 def compare_fingerprints(actual: dict[str, str], expected: dict[str, str], holder: str = "the model") -> list[str]:
     """`fingerprint_problems` for any name -> 'dtype[shape]' mapping: a model's, or a checkpoint file's."""
     found = []
@@ -147,7 +164,7 @@ def compare_fingerprints(actual: dict[str, str], expected: dict[str, str], holde
             found.append(
                 f"fingerprint: the spec expects tensor {key!r} ({want}) but {holder} has none; {nearest(key, actual)}"
             )
-        elif have != want:
+        elif not same_tensor_type(have, want):
             found.append(
                 f"fingerprint: tensor {key!r} is {want} in the spec but {have} in {holder} "
                 "(was the spec planned for another model, or applied already?)"
