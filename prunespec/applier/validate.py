@@ -155,12 +155,27 @@ def same_tensor_type(have: str, want: str) -> bool:
     return have_shape == want_shape and (have_dtype == want_dtype or {have_dtype, want_dtype} <= FLOATING)
 
 
-def compare_fingerprints(actual: dict[str, str], expected: dict[str, str], holder: str = "the model") -> list[str]:
-    """`fingerprint_problems` for any name -> 'dtype[shape]' mapping: a model's, or a checkpoint file's."""
+def compare_fingerprints(
+    actual: dict[str, str], expected: dict[str, str], holder: str = "the model", tied: dict[str, str] | None = None
+) -> list[str]:
+    """`fingerprint_problems` for any name -> 'dtype[shape]' mapping: a model's, or a checkpoint file's.
+
+    `tied` maps further names of shared tensors to their first name (`PruningSpec.tied`). A checkpoint may store a
+    shared tensor under one of its names only, as Hugging Face's `save_pretrained` does, so a name of a shared
+    tensor may be absent when another of its names is present.
+
+    >>> compare_fingerprints({"embed": "float32[8,4]"}, {"embed": "float64[8,4]", "head": "float64[8,4]"}, "the file",
+    ...                      tied={"head": "embed"})
+    []
+    """
+    tied = tied or {}
+    stored = {tied.get(key, key) for key in actual}  # the shared tensors present under some name
     found = []
     for key, want in expected.items():
         have = actual.get(key)
         if have is None:
+            if tied.get(key, key) in stored:  # stored under another of its names
+                continue
             found.append(
                 f"fingerprint: the spec expects tensor {key!r} ({want}) but {holder} has none; {nearest(key, actual)}"
             )
