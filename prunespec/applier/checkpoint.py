@@ -27,7 +27,7 @@ from typing import BinaryIO
 import torch
 
 from prunespec.applier.blocks import renamed_key
-from prunespec.applier.validate import Kept, compare_fingerprints, decode_kept, select_kept
+from prunespec.applier.validate import Kept, compare_fingerprints, decode_kept
 from prunespec.errors import SpecError
 from prunespec.schemas import PruningSpec, atomic_path
 
@@ -166,13 +166,18 @@ def kept_axes(spec: PruningSpec, name: str, shape: list[int]) -> list[Kept | Non
 
 
 class TensorReader:
-    """Reads stored tensors one at a time, into one buffer as large as the largest of `tensors`, reused for each.
+    """Reads stored tensors one at a time, and makes their pruned copies, in memory reused from one to the next.
 
+    A tensor is read into one buffer as large as the largest of `tensors`; its pruned copy is gathered into two
+    more, which grow to the largest copy (and the largest step on the way, when several axes are gathered). Fresh
+    memory for each copy would let the C allocator keep the freed blocks of every size it has seen: measured on a
+    1.1B-parameter Llama, resident memory grew by 1.3 GB over the run that way, against a largest tensor of 125 MiB.
     The files it reads from stay open until it is closed (use it as a context manager).
     """
 
     def __init__(self, tensors) -> None:
         self._scratch = bytearray(max((t.end - t.start for t in tensors), default=0))
+        self._copies = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
         self._files: dict[Path, BinaryIO] = {}
 
     def __enter__(self) -> TensorReader:
@@ -183,18 +188,48 @@ class TensorReader:
             file.close()
 
     def read(self, tensor: StoredTensor) -> torch.Tensor:
-        """The tensor, in the reader's buffer: valid until the next `read`."""
+        """The tensor, in the reader's buffer: valid until the next `read` or `read_pruned`."""
         buffer = memoryview(self._scratch)[: tensor.end - tensor.start]
         self._read_into(tensor, buffer)
         if not buffer:
             return torch.empty(tensor.shape, dtype=tensor.dtype)
         return torch.frombuffer(buffer, dtype=tensor.dtype).reshape(tensor.shape)
 
+    def read_pruned(self, tensor: PlannedTensor) -> torch.Tensor:
+        """The tensor with only its kept entries, contiguous, in the reader's buffers: valid until the next read.
+
+        The same values as `validate.select_kept`: slices first, then one gather per axis that needs one.
+        """
+        selected = self.read(tensor.stored)
+        shape = selected.shape
+        changed = [(axis, k) for axis, k in enumerate(tensor.kept) if k is not None and not k.is_identity(shape[axis])]
+        for axis, kept in changed:
+            if kept.start is not None:
+                selected = selected.narrow(axis, kept.start, len(kept.indices))
+        step = 0
+        for axis, kept in changed:
+            if kept.start is None:
+                shape = [*selected.shape[:axis], len(kept.indices), *selected.shape[axis + 1 :]]
+                out = self._copy(step % 2, shape, selected.dtype)
+                selected = torch.index_select(selected, axis, kept.gather_indices(selected.device), out=out)
+                step += 1
+        if not selected.is_contiguous():  # slices only, or a slice after the last gather
+            selected = self._copy(step % 2, list(selected.shape), selected.dtype).copy_(selected)
+        return selected
+
     def read_new(self, tensor: StoredTensor) -> torch.Tensor:
         """The tensor, in memory of its own."""
         result = torch.empty(tensor.shape, dtype=tensor.dtype)
         self._read_into(tensor, tensor_bytes(result))
         return result
+
+    def _copy(self, which: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """Buffer `which` as an empty tensor of `shape` and `dtype`, grown first if it is too small."""
+        size = math.prod(shape) * dtype.itemsize
+        if self._copies[which].numel() < size:
+            self._copies[which] = torch.empty(0, dtype=torch.uint8)  # let the old one go first
+            self._copies[which] = torch.empty(size, dtype=torch.uint8)
+        return self._copies[which][:size].view(dtype).view(shape)
 
     def _read_into(self, tensor: StoredTensor, buffer: memoryview) -> None:
         file = self._files.get(tensor.path)
@@ -221,8 +256,7 @@ def write_safetensors(
         out.write(len(encoded).to_bytes(8, "little"))
         out.write(encoded)
         for tensor in tensors:
-            # Written before the next read reuses the reader's buffer, which an unpruned tensor still points into.
-            _write(out, select_kept(reader.read(tensor.stored), tensor.kept).contiguous())
+            _write(out, reader.read_pruned(tensor))  # before the next read reuses the reader's buffers
 
 
 def _write(out: BinaryIO, tensor: torch.Tensor) -> None:
