@@ -329,9 +329,11 @@ def test_an_existing_target_is_refused_unless_overwritten(llama_folder, tmp_path
     with pytest.raises(prunespec.SpecError, match=r"out: exists already; give another folder, or overwrite it$"):
         prunespec.prune_folder(spec, source, tmp_path / "out")
     assert contents(tmp_path / "out") == {"mine.txt": hashlib.sha256(b"keep me").hexdigest()}
-    for inside in (source, source / "pruned"):
-        with pytest.raises(prunespec.SpecError, match="neither the input folder nor inside it"):
+    for inside in (source, source / "pruned", source.parent):
+        with pytest.raises(prunespec.SpecError, match="can be neither the input folder nor inside it, nor hold it"):
             prunespec.prune_folder(spec, source, inside, overwrite=True)
+    with pytest.raises(prunespec.SpecError, match=r"no/out: its parent folder does not exist$"):
+        prunespec.prune_folder(spec, source, tmp_path / "no" / "out")
     prunespec.prune_folder(spec, source, tmp_path / "out", overwrite=True)
     assert not (tmp_path / "out" / "mine.txt").exists() and (tmp_path / "out" / "prunespec.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

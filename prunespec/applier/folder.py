@@ -102,7 +102,8 @@ def prune_folder(
     copies of the largest tensor, whatever the size of the model. `source` is never written to. Raises `SpecError`
     with one line, leaving no `target` behind, when the folder is not a model folder, its weights are damaged, the
     spec was planned for another model, `target` exists (unless `overwrite`: then it is replaced once the new folder
-    is complete), or writing fails (a full disk).
+    is complete), or writing fails (a full disk). The new folder is written as a hidden ``.NAME.*.tmp`` beside
+    `target` and renamed at the end: a process killed on the way leaves that behind, never a half-written `target`.
     """
     source, target = Path(source), Path(target)
     folder = read_folder(source)
@@ -472,6 +473,7 @@ def parameters_on_meta() -> Iterator[None]:
     >>> layer.weight.device.type, layer.running_mean.device.type
     ('meta', 'cpu')
     """
+    # Every module built meanwhile, in any thread, gets its parameters on meta: `load_pruned` builds one model here.
     register = nn.Module.register_parameter
 
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
