@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from prunespec.applier import build_pruned, fold_norms, mock, prune, to_channels_last
+from prunespec.applier import build_pruned, fold_norms, load_pruned, mock, prune, prune_folder, to_channels_last
 from prunespec.errors import PlanError, SpecError
 from prunespec.schemas import SCHEMA_VERSION, PruningSpec, load_spec
 
@@ -30,10 +30,12 @@ __all__ = [
     "SpecError",
     "build_pruned",
     "fold_norms",
+    "load_pruned",
     "load_spec",
     "mock",
     "plan",
     "prune",
+    "prune_folder",
     "select",
     "to_channels_last",
 ]

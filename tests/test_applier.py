@@ -462,7 +462,10 @@ BAD_SPECS = {
         _set(["fingerprint", "4.weight"], "float32[4,8,5,5]"),
         r"^fingerprint: tensor '4.weight' is float32\[4,8,5,5\] in the spec but float64\[4,8,3,3\] in the model",
     ),
-    "fingerprint dtype mismatch": (_set(["fingerprint", "0.bias"], "float32[8]"), "'0.bias' is float32.* float64"),
+    "fingerprint integer dtype mismatch": (
+        _set(["fingerprint", "1.num_batches_tracked"], "int32[]"),
+        r"^fingerprint: tensor '1.num_batches_tracked' is int32\[\] in the spec but int64\[\] in the model",
+    ),
     "fingerprint key missing from the spec": (
         _delete_fingerprint("1.running_var"),
         r"^fingerprint: the model has tensor '1.running_var' \(float64\[8\]\) that the spec does not list",

@@ -4,6 +4,7 @@ pruned model in a fresh process, on the meta device, without the original weight
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -112,7 +113,7 @@ def test_apply_checkpoint_prunes_a_safetensors_file_without_the_model(tmp_path):
     assert refused.returncode == 1 and "fingerprint" in refused.stderr and "the checkpoint" in refused.stderr
     (tmp_path / "truncated.safetensors").write_bytes((tmp_path / "dense.safetensors").read_bytes()[:5000])
     cut = run_cli("apply-checkpoint", "spec.json", "truncated.safetensors", "-o", "bad.safetensors", cwd=tmp_path)
-    assert cut.returncode == 1 and "not a safetensors file" in cut.stderr, cut.stderr
+    assert cut.returncode == 1 and "the file is truncated" in cut.stderr, cut.stderr
     assert len(cut.stderr.splitlines()) == 1 and len(refused.stderr.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.safetensors", "other.safetensors",
                                                           "pruned.safetensors", "spec.json", "truncated.safetensors"]
@@ -151,3 +152,68 @@ def test_apply_checkpoint_refuses_a_damaged_header_and_writes_nothing(damage, tm
     with pytest.raises(prunespec.SpecError, match="bad.safetensors: .*(not a valid safetensors entry|not JSON)"):
         prune_checkpoint(spec, tmp_path / "bad.safetensors", tmp_path / "out.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "dense.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------- floating dtypes
+
+
+@pytest.fixture(scope="module")
+def float32_plan():
+    """resnet18 in float32, an input, and a spec planned on them with a random pattern."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    request, _ = random_request(model, [x], seed="dtype", fraction=0.3, side="input")
+    return model, x, prunespec.plan(model, [x], pruned_inputs=request)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bfloat16", "float64"])
+def test_a_spec_planned_in_float32_applies_in_any_floating_dtype(dtype, float32_plan, tmp_path):
+    from safetensors.torch import save_file
+
+    from prunespec.applier.checkpoint import prune_checkpoint
+
+    model, x, spec = float32_plan
+    cast = copy.deepcopy(model).to(dtype)
+    pruned = prunespec.prune(copy.deepcopy(cast), spec)
+    # Pruning selects entries, so pruning in any dtype is pruning in float32 and casting.
+    in_float32 = prunespec.prune(copy.deepcopy(model), spec).state_dict()
+    for key, value in pruned.state_dict().items():
+        expected = in_float32[key].to(dtype) if in_float32[key].is_floating_point() else in_float32[key]
+        assert value.dtype == expected.dtype and torch.equal(value, expected), key
+    with torch.no_grad():
+        expected, actual = prunespec.mock(cast, spec)(x.to(dtype)), pruned(x.to(dtype))
+    # float64: summation order only. bfloat16: each of resnet18's 18 weighted layers may round its output once more.
+    tolerance = 1e-12 if dtype == torch.float64 else 18 * torch.finfo(dtype).eps
+    assert (actual - expected).abs().max().item() <= tolerance * expected.abs().max().item()
+
+    # A checkpoint stored in that dtype stays in it.
+    save_file(cast.state_dict(), tmp_path / "dense.safetensors")
+    prune_checkpoint(spec, tmp_path / "dense.safetensors", tmp_path / "pruned.safetensors")
+    written = load_file(tmp_path / "pruned.safetensors")
+    for key, value in pruned.state_dict().items():
+        assert written[key].dtype == value.dtype and torch.equal(written[key], value), key
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda f: f.update({"fc.weight": "float32[10,512]"}),
+         r"^fingerprint: tensor 'fc.weight' is float32\[10,512\] in the spec but bfloat16\[1000,512\] in the model"),
+        (lambda f: f.update({"fc.weights": f.pop("fc.weight")}),
+         r"^fingerprint: the spec expects tensor 'fc.weights' \(float32\[1000,512\]\) but the model has none"),
+        (lambda f: f.update({"bn1.num_batches_tracked": "int32[]"}),
+         r"^fingerprint: tensor 'bn1.num_batches_tracked' is int32\[\] in the spec but int64\[\] in the model"),
+    ],
+    ids=["shape", "name", "integer dtype"],
+)
+def test_in_another_dtype_a_changed_shape_or_name_is_still_refused(edit, message, float32_plan):
+    model, _, spec = float32_plan
+    other = prunespec.schemas.load_spec_bytes(spec.to_json())
+    edit(other.fingerprint)
+    cast = copy.deepcopy(model).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in cast.state_dict().items()}
+    for apply in (prunespec.prune, prunespec.mock):
+        with pytest.raises(prunespec.SpecError, match=message):
+            apply(cast, other)
+    assert all(torch.equal(before[k], v) for k, v in cast.state_dict().items())

@@ -1,10 +1,14 @@
-"""Prune a checkpoint file directly, tensor by tensor, without building the model.
+"""Prune safetensors checkpoints directly, tensor by tensor, without building the model.
 
-Start with `prune_checkpoint`. It reads the safetensors header, checks it against the spec's fingerprint, works out
-every pruned shape, writes the new header, then streams the tensors one at a time: read one, keep its indices,
-write its bytes, let it go. Tensors are read with plain file reads rather than a memory map of the whole file
-(whose pages would stay resident until it is closed), so memory holds about one tensor and its pruned copy at a
-time, never the whole checkpoint. The output is written beside the target and renamed at the end.
+Start with `prune_checkpoint` (one file to one file); `folder.prune_folder` does the same for a model folder of
+sharded files with the pieces here. `read_header` reads a file's header and checks every entry against the file;
+`PlannedTensor` is one tensor to write (where it is stored, which indices it keeps); `write_safetensors` writes a
+header and then streams the tensors one at a time: read one, keep its indices, write its bytes, let it go.
+
+Tensors are read with plain file reads into one reused buffer (`TensorReader`) rather than a memory map of the whole
+file (whose pages would stay resident until it is closed), and written straight from the tensor's memory, so memory
+holds about one tensor and its pruned copy at a time, never the whole checkpoint. Each tensor keeps the dtype it is
+stored in. Outputs are written beside the target and renamed at the end.
 
 The safetensors layout: an 8-byte little-endian header length, a JSON header mapping each name to its dtype,
 shape and ``[start, end)`` byte offsets into the data that follows (and an optional ``__metadata__`` entry).
@@ -16,10 +20,14 @@ import ctypes
 import json
 import math
 import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
-from prunespec.applier.validate import Kept, compare_fingerprints, decode_kept, select_kept
+from prunespec.applier.blocks import renamed_key
+from prunespec.applier.validate import Kept, compare_fingerprints, decode_kept
 from prunespec.errors import SpecError
 from prunespec.schemas import PruningSpec, atomic_path
 
@@ -32,84 +40,120 @@ _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 MAX_HEADER = 100 * 2**20  # a header this large is not a checkpoint's
 
 
+@dataclass
+class StoredTensor:
+    """One tensor of a safetensors file: what it holds, and where its bytes are (``[start, end)`` in the file)."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: list[int]
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def describe(self) -> str:
+        """Its dtype and shape as a fingerprint writes them, e.g. ``'bfloat16[64,3]'``."""
+        return f"{str(self.dtype).removeprefix('torch.')}[{','.join(map(str, self.shape))}]"
+
+
+@dataclass
+class PlannedTensor:
+    """One tensor to write: stored where, under which name, keeping which indices of each axis (None: all)."""
+
+    name: str
+    stored: StoredTensor
+    kept: list[Kept | None]
+
+    @property
+    def shape(self) -> list[int]:
+        return [len(k.indices) if k is not None else n for k, n in zip(self.kept, self.stored.shape)]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.stored.dtype.itemsize
+
+
 def prune_checkpoint(spec: PruningSpec, source: str | os.PathLike, target: str | os.PathLike) -> None:
     """Write the pruned version of the safetensors checkpoint `source` to `target`.
 
     Raises `SpecError` (and writes nothing) when `source` is not a safetensors file or not the checkpoint the spec
-    was planned for. The result equals ``prune(model, spec).state_dict()`` for a model holding `source`'s weights.
+    was planned for. The result equals ``prune(model, spec).state_dict()`` for a model holding `source`'s weights,
+    each tensor in the dtype it is stored in: the keys of dropped blocks go, those of the blocks after a removed one
+    move up. A tensor that modules share (`PruningSpec.tied`) may be stored under one of its names only, and stays so.
     """
-    with open(source, "rb") as reader:
-        entries, data_start = _read_header(reader, str(source))
-        actual = {name: f"{str(e['dtype']).removeprefix('torch.')}[{','.join(map(str, e['shape']))}]"
-                  for name, e in entries.items()}  # fmt: skip
-        problems = compare_fingerprints(actual, spec.fingerprint, spec.model, "the checkpoint")
-        if problems:
-            raise SpecError(f"{source}: {problems[0]}")
-        kept = {name: _kept(spec, name, e["shape"]) for name, e in entries.items()}
-
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, entry in entries.items():
-            shape = [len(k.indices) if k is not None else n for k, n in zip(kept[name], entry["shape"])]
-            size = math.prod(shape) * entry["dtype"].itemsize
-            header[name] = {"dtype": _CODES[entry["dtype"]], "shape": shape, "data_offsets": [offset, offset + size]}
-            offset += size
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writers do
-
-        # One buffer, reused for every tensor read, so freed reads do not pile up in the allocator.
-        scratch = bytearray(max((e["end"] - e["start"] for e in entries.values()), default=0))
-        with atomic_path(target) as tmp, open(tmp, "wb") as out:
-            out.write(len(encoded).to_bytes(8, "little"))
-            out.write(encoded)
-            for name, entry in entries.items():
-                # Written before the next read reuses `scratch`, which an unpruned tensor still points into.
-                tensor = select_kept(_read_tensor(reader, data_start, entry, scratch), kept[name]).contiguous()
-                out.write(ctypes.string_at(tensor.data_ptr(), tensor.numel() * tensor.element_size()))
+    stored, _ = read_header(source)
+    actual = {name: tensor.describe() for name, tensor in stored.items()}
+    problems = compare_fingerprints(actual, spec.fingerprint, spec.model, "the checkpoint", tied=spec.tied)
+    if problems:
+        raise SpecError(f"{source}: {problems[0]}")
+    planned = [
+        PlannedTensor(new, tensor, kept_axes(spec, name, tensor.shape))
+        for name, tensor in stored.items()
+        if (new := renamed_key(spec, name)) is not None
+    ]
+    with TensorReader(stored.values()) as reader, atomic_path(target) as tmp:
+        write_safetensors(tmp, planned, reader)
 
 
-def _read_header(reader, source: str) -> tuple[dict[str, dict], int]:
-    """The tensors of a safetensors file by name (dtype, shape, byte offsets), and where their data starts."""
-    size = os.fstat(reader.fileno()).st_size
-    length = int.from_bytes(reader.read(8), "little")
-    if not 2 <= length <= min(MAX_HEADER, size - 8):
-        raise SpecError(f"{source}: not a safetensors file (its first 8 bytes give a header of {length} bytes)")
+def read_header(path: str | os.PathLike) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """The tensors of a safetensors file by name, in the order of their data, and the header's ``__metadata__``.
+
+    Raises `SpecError` naming the file when it is not a safetensors file, an entry does not fit it, or the file is
+    cut short.
+    """
+    path = Path(path)
     try:
-        raw = json.loads(reader.read(length))
+        with open(path, "rb") as reader:
+            size = os.fstat(reader.fileno()).st_size
+            length = int.from_bytes(reader.read(8), "little")
+            if 2 <= length <= MAX_HEADER and length > size - 8:
+                raise SpecError(f"{path}: the file is truncated: it ends inside its header")
+            if not 2 <= length <= min(MAX_HEADER, size - 8):
+                raise SpecError(f"{path}: not a safetensors file (its first 8 bytes give a header of {length} bytes)")
+            header = reader.read(length)
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read it: {e.strerror or e}") from None
+    try:
+        raw = json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise SpecError(f"{source}: not a safetensors file (its header is not JSON)") from None
+        raise SpecError(f"{path}: not a safetensors file (its header is not JSON)") from None
     if not isinstance(raw, dict):
-        raise SpecError(f"{source}: not a safetensors file (its header is not a JSON object)")
+        raise SpecError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    metadata = raw.pop("__metadata__", None)
+    data_start = 8 + length
     entries = {}
     for name, info in raw.items():
-        if name == "__metadata__":
-            continue
         try:
             dtype, shape, (start, end) = _DTYPES[info["dtype"]], [int(n) for n in info["shape"]], info["data_offsets"]
             fits = (
                 type(start) is int and type(end) is int  # JSON numbers with a fraction would pass the comparisons
-                and 0 <= start <= end <= size - 8 - length
+                and 0 <= start <= end
                 and end - start == math.prod(shape) * dtype.itemsize
             )
         except (KeyError, TypeError, ValueError):
             fits = False
         if not fits:
-            raise SpecError(f"{source}: tensor {name!r}: its header entry is not a valid safetensors entry")
-        entries[name] = {"dtype": dtype, "shape": shape, "start": start, "end": end}
-    return entries, 8 + length
+            raise SpecError(f"{path}: tensor {name!r}: its header entry is not a valid safetensors entry")
+        entries[name] = StoredTensor(path, dtype, shape, data_start + start, data_start + end)
+    last = max(entries.values(), key=lambda t: t.end, default=None)
+    if last is not None and last.end > size:
+        name = next(n for n, t in entries.items() if t is last)
+        raise SpecError(
+            f"{path}: the file is truncated: tensor {name!r} ends at byte {last.end} but the file has {size}"
+        )
+    if not isinstance(metadata, dict):
+        metadata = {"format": "pt"}
+    return dict(sorted(entries.items(), key=lambda item: item[1].start)), metadata
 
 
-def _read_tensor(reader, data_start: int, entry: dict, scratch: bytearray) -> torch.Tensor:
-    """One tensor, read from the file into the start of `scratch` (which it then shares)."""
-    buffer = memoryview(scratch)[: entry["end"] - entry["start"]]
-    reader.seek(data_start + entry["start"])
-    if reader.readinto(buffer) != len(buffer):
-        raise SpecError(f"{reader.name}: the file ends inside a tensor")
-    if not buffer:
-        return torch.empty(entry["shape"], dtype=entry["dtype"])
-    return torch.frombuffer(buffer, dtype=entry["dtype"]).reshape(entry["shape"])
-
-def _kept(spec: PruningSpec, name: str, shape: list[int]) -> list[Kept | None]:
+def kept_axes(spec: PruningSpec, name: str, shape: list[int]) -> list[Kept | None]:
     """The kept indices of each axis of the state_dict entry `name` (None where the spec leaves an axis whole)."""
     module, _, local = name.rpartition(".")
     layer = spec.layers.get(module)
@@ -119,3 +163,115 @@ def _kept(spec: PruningSpec, name: str, shape: list[int]) -> list[Kept | None]:
         decode_kept(axes[axis], size, f"{where} axis {axis}") if axis < len(axes) and axes[axis] is not None else None
         for axis, size in enumerate(shape)
     ]
+
+
+class TensorReader:
+    """Reads stored tensors one at a time, and makes their pruned copies, in memory reused from one to the next.
+
+    A tensor is read into one buffer as large as the largest of `tensors`; its pruned copy is gathered into two
+    more, which grow to the largest copy (and the largest step on the way, when several axes are gathered). Fresh
+    memory for each copy would let the C allocator keep the freed blocks of every size it has seen: measured on a
+    1.1B-parameter Llama, resident memory grew by 1.3 GB over the run that way, against a largest tensor of 125 MiB.
+    The files it reads from stay open until it is closed (use it as a context manager).
+    """
+
+    def __init__(self, tensors) -> None:
+        self._scratch = bytearray(max((t.end - t.start for t in tensors), default=0))
+        self._copies = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+        self._files: dict[Path, BinaryIO] = {}
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for file in self._files.values():
+            file.close()
+
+    def read(self, tensor: StoredTensor) -> torch.Tensor:
+        """The tensor, in the reader's buffer: valid until the next `read` or `read_pruned`."""
+        buffer = memoryview(self._scratch)[: tensor.end - tensor.start]
+        self._read_into(tensor, buffer)
+        if not buffer:
+            return torch.empty(tensor.shape, dtype=tensor.dtype)
+        return torch.frombuffer(buffer, dtype=tensor.dtype).reshape(tensor.shape)
+
+    def read_pruned(self, tensor: PlannedTensor) -> torch.Tensor:
+        """The tensor with only its kept entries, contiguous, in the reader's buffers: valid until the next read.
+
+        The same values as `validate.select_kept`: slices first, then one gather per axis that needs one.
+        """
+        selected = self.read(tensor.stored)
+        shape = selected.shape
+        changed = [(axis, k) for axis, k in enumerate(tensor.kept) if k is not None and not k.is_identity(shape[axis])]
+        for axis, kept in changed:
+            if kept.start is not None:
+                selected = selected.narrow(axis, kept.start, len(kept.indices))
+        step = 0
+        for axis, kept in changed:
+            if kept.start is None:
+                shape = [*selected.shape[:axis], len(kept.indices), *selected.shape[axis + 1 :]]
+                out = self._copy(step % 2, shape, selected.dtype)
+                selected = torch.index_select(selected, axis, kept.gather_indices(selected.device), out=out)
+                step += 1
+        if not selected.is_contiguous():  # slices only, or a slice after the last gather
+            selected = self._copy(step % 2, list(selected.shape), selected.dtype).copy_(selected)
+        return selected
+
+    def read_new(self, tensor: StoredTensor) -> torch.Tensor:
+        """The tensor, in memory of its own."""
+        result = torch.empty(tensor.shape, dtype=tensor.dtype)
+        self._read_into(tensor, tensor_bytes(result))
+        return result
+
+    def _copy(self, which: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """Buffer `which` as an empty tensor of `shape` and `dtype`, grown first if it is too small."""
+        size = math.prod(shape) * dtype.itemsize
+        if self._copies[which].numel() < size:
+            self._copies[which] = torch.empty(0, dtype=torch.uint8)  # let the old one go first
+            self._copies[which] = torch.empty(size, dtype=torch.uint8)
+        return self._copies[which][:size].view(dtype).view(shape)
+
+    def _read_into(self, tensor: StoredTensor, buffer: memoryview) -> None:
+        file = self._files.get(tensor.path)
+        if file is None:
+            file = self._files[tensor.path] = open(tensor.path, "rb")
+        file.seek(tensor.start)
+        if file.readinto(buffer) != len(buffer):
+            raise SpecError(f"{tensor.path}: the file is truncated: it ends inside a tensor")
+
+
+def write_safetensors(
+    path: Path, tensors: list[PlannedTensor], reader: TensorReader, metadata: dict[str, str] | None = None
+) -> None:
+    """Write `tensors`, pruned, to the safetensors file `path`, reading each from where it is stored."""
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for tensor in tensors:
+        code = _CODES[tensor.stored.dtype]
+        header[tensor.name] = {"dtype": code, "shape": tensor.shape, "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writers do
+    with open(path, "wb") as out:
+        out.write(len(encoded).to_bytes(8, "little"))
+        out.write(encoded)
+        for tensor in tensors:
+            _write(out, reader.read_pruned(tensor))  # before the next read reuses the reader's buffers
+
+
+def _write(out: BinaryIO, tensor: torch.Tensor) -> None:
+    out.write(tensor_bytes(tensor))
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The memory of a contiguous CPU tensor as bytes, without copying it; the view keeps the tensor alive.
+
+    >>> bytes(tensor_bytes(torch.tensor([1, 2], dtype=torch.int16)))
+    b'\\x01\\x00\\x02\\x00'
+    """
+    size = tensor.numel() * tensor.element_size()
+    if not size:
+        return memoryview(bytearray())
+    memory = (ctypes.c_char * size).from_address(tensor.data_ptr())
+    memory.owner = tensor  # the view holds `memory`, which holds the tensor
+    return memoryview(memory).cast("B")

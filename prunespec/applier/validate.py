@@ -136,12 +136,38 @@ SAME_MODEL_DIFFERS_IN = 3
 """More tensors than this differ from the fingerprint: the spec belongs to another model (or was applied already),
 and a message per tensor, with guesses at similar names, would only bury that."""
 
+# Floating dtypes a spec may be planned in and applied in interchangeably: checkpoints of large models are stored in
+# one (bfloat16) and planned or run in another, and the kept indices do not depend on it.
+FLOATING = frozenset({"float16", "bfloat16", "float32", "float64"})
+
+
+def same_tensor_type(have: str, want: str) -> bool:
+    """Whether two fingerprint entries describe the same tensor: the same shape, and the same dtype unless both are
+    floating (integer and bool tensors hold indices or flags, whose dtype is part of what they mean).
+
+    >>> same_tensor_type("bfloat16[64,3]", "float32[64,3]"), same_tensor_type("int32[]", "int64[]")
+    (True, False)
+    """
+    have_dtype, _, have_shape = have.partition("[")
+    want_dtype, _, want_shape = want.partition("[")
+    return have_shape == want_shape and (have_dtype == want_dtype or {have_dtype, want_dtype} <= FLOATING)
+
 
 def compare_fingerprints(
-    actual: dict[str, str], expected: dict[str, str], planned_for: str, holder: str = "the model", kind: str = ""
+    actual: dict[str, str],
+    expected: dict[str, str],
+    planned_for: str,
+    holder: str = "the model",
+    kind: str = "",
+    tied: dict[str, str] | None = None,
 ) -> list[str]:
     """How a name -> 'dtype[shape]' mapping (a model's, or a checkpoint file's) differs from a spec's fingerprint:
-    a message per tensor, or one message when more than `SAME_MODEL_DIFFERS_IN` tensors differ.
+    a message per tensor, or one message when more than `SAME_MODEL_DIFFERS_IN` tensors differ. Floating dtypes
+    stand for one another (`same_tensor_type`).
+
+    `tied` maps further names of shared tensors to their first name (`PruningSpec.tied`). A checkpoint may store a
+    shared tensor under one of its names only, as Hugging Face's `save_pretrained` does, so a name of a shared
+    tensor may be absent when another of its names is present.
 
     >>> spec = {"weight": "float32[2,4]", "extra": "float32[2]"}
     >>> for message in compare_fingerprints({"weight": "float32[2,3]", "bias": "float32[2]"}, spec, "Linear"):
@@ -153,8 +179,11 @@ def compare_fingerprints(
     >>> print(compare_fingerprints(other, spec, "torchvision:resnet18", kind="MobileNetV2")[0])
     fingerprint: the spec was planned for torchvision:resnet18 (2 tensors); the model (MobileNetV2) differs in 2 of \
 them and has 5 more (first: it has no tensor 'weight')
+    >>> compare_fingerprints({"embed": "bfloat16[8,4]"}, {"embed": "float64[8,4]", "head": "float64[8,4]"}, "Net",
+    ...                      "the file", tied={"head": "embed"})
+    []
     """
-    differ, extra = _differences(actual, expected)
+    differ, extra = _differences(actual, expected, tied or {})
     if len(differ) + len(extra) > SAME_MODEL_DIFFERS_IN:
         if differ and differ[0] in actual:
             key = differ[0]
@@ -188,7 +217,8 @@ them and has 5 more (first: it has no tensor 'weight')
 
 
 def _smaller(have: str | None, want: str) -> bool:
-    """Whether a tensor described as `have` could be `want` pruned: the same dtype and rank, no axis larger.
+    """Whether a tensor described as `have` could be `want` pruned: a dtype that may stand for it, the same rank,
+    no axis larger.
 
     >>> _smaller("float32[6,3]", "float32[8,3]"), _smaller("float32[12,3]", "float32[8,3]"), _smaller(None, "int64[]")
     (True, False, False)
@@ -197,14 +227,24 @@ def _smaller(have: str | None, want: str) -> bool:
         return False
     (have_type, have_shape), (want_type, want_shape) = (text.rstrip("]").split("[") for text in (have, want))
     have_sizes, want_sizes = have_shape.split(","), want_shape.split(",")
-    return have_type == want_type and len(have_sizes) == len(want_sizes) and all(
+    same_type = have_type == want_type or {have_type, want_type} <= FLOATING
+    return same_type and len(have_sizes) == len(want_sizes) and all(
         int(a or 0) <= int(b or 0) for a, b in zip(have_sizes, want_sizes)
     )
 
 
-def _differences(actual: dict[str, str], expected: dict[str, str]) -> tuple[list[str], list[str]]:
-    """The fingerprint's tensors that `actual` lacks or has otherwise, and the tensors only `actual` has."""
-    return [key for key, want in expected.items() if actual.get(key) != want], [k for k in actual if k not in expected]
+def _differences(
+    actual: dict[str, str], expected: dict[str, str], tied: dict[str, str]
+) -> tuple[list[str], list[str]]:
+    """The fingerprint's tensors that `actual` lacks or has otherwise, and the tensors only `actual` has. A shared
+    tensor stored under another of its names is not missing."""
+    stored = {tied.get(key, key) for key in actual}
+    differ = [
+        key
+        for key, want in expected.items()
+        if (key in actual and not same_tensor_type(actual[key], want)) or (key not in actual and tied.get(key, key) not in stored)
+    ]
+    return differ, [key for key in actual if key not in expected]
 
 
 def problems(model: nn.Module, spec: PruningSpec) -> list[str]:
