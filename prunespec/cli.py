@@ -16,7 +16,6 @@ import contextlib
 import copy
 import json
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
@@ -26,17 +25,18 @@ import torch
 import typer
 import typer.core
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 import prunespec
 from prunespec import review
 from prunespec.errors import PlanError, SpecError, naming_flags
+from prunespec.export import SUFFIXES, ExportError, plain_call, run_onnx, write_model
 from prunespec.models import ModelError, checkpoint_tensors, example_inputs, load_model, read_calibration
 from prunespec.schemas import atomic_path
 from prunespec.schemas.spec import change
 
 DEFAULT_SHAPE = "1x3x224x224"
 SHOWN_PROBLEMS = 10  # `validate` lists this many problems of a spec, then counts the rest
-OUTPUT_SUFFIXES = (".pt2", ".safetensors", ".pt", ".pth")
 
 
 class CliError(ValueError):
@@ -44,7 +44,7 @@ class CliError(ValueError):
 
 
 # Failures the user can fix; anything else is reported as unexpected (still one line, unless --debug).
-EXPECTED_ERRORS = (CliError, ModelError, PlanError, SpecError, OSError)
+EXPECTED_ERRORS = (CliError, ModelError, PlanError, SpecError, ExportError, OSError)
 
 
 class _FlagsShowNoType:
@@ -462,7 +462,7 @@ def apply_command(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="A spec written by 'prunespec plan'.")],
     model: ModelArgument,
     output: Annotated[
-        Path, typer.Option("--output", "-o", metavar="OUT", help=f"Output file: {', '.join(OUTPUT_SUFFIXES)}.")
+        Path, typer.Option("--output", "-o", metavar="OUT", help=f"Output file: {', '.join(SUFFIXES)}.")
     ],
     weights: WeightsOption = None,
     mock: Annotated[
@@ -497,11 +497,12 @@ def apply_command(
         ),
     ] = False,
 ) -> None:
-    """Apply SPEC to MODEL and write the result: an exported program (.pt2) or a state dict."""
+    """Apply SPEC to MODEL and write the result: an exported program (.pt2), an ONNX graph (.onnx) or a state
+    dict. With --verify an ONNX file is also run with onnxruntime and compared with the mock."""
     with _reporting_errors():
         suffix = output.suffix.lower()
-        if suffix not in OUTPUT_SUFFIXES:
-            raise CliError(f"output {str(output)!r}: unsupported file type; use one of {', '.join(OUTPUT_SUFFIXES)}")
+        if suffix not in SUFFIXES:
+            raise CliError(f"output {str(output)!r}: unsupported file type; use one of {', '.join(SUFFIXES)}")
         if mock and suffix == ".safetensors":
             raise CliError(
                 "--mock with a .safetensors output would save the original tensor shapes; "
@@ -519,6 +520,7 @@ def apply_command(
 
         spec = prunespec.load_spec(spec_path)
         network = load_model(model, weights)
+        tokens = getattr(getattr(network, "config", None), "vocab_size", None)  # token ids below it, for inputs
         original = copy.deepcopy(network) if verify else None
         result = prunespec.mock(network, spec) if mock else prunespec.prune(network, spec, fold_norms=fold)
         if channels_last:
@@ -529,7 +531,6 @@ def apply_command(
             # folded in float64 too, so that the check sees the plan, not the rounding of folded float32 weights.
             pruned = prunespec.prune(copy.deepcopy(original), spec).double()
             pruned = prunespec.fold_norms(pruned, spec) if fold else pruned
-            tokens = getattr(getattr(network, "config", None), "vocab_size", None)
             difference, scale = _max_difference(
                 pruned=prunespec.to_channels_last(pruned) if channels_last else pruned,
                 mocked=prunespec.mock(original, spec),
@@ -547,7 +548,10 @@ def apply_command(
                     f"more than --tolerance {tolerance:g}; nothing was written"
                 )
 
-        _write_model(result, spec, output)
+        inputs = spec_inputs(spec, tokens=tokens)
+        write_model(result, inputs, output, say=lambda line: typer.echo(line, err=True))
+        if verify and suffix == ".onnx":
+            typer.echo(verify_onnx(output, prunespec.mock(original, spec), inputs, tolerance))
         folded = f", {len(spec.norm_folds)} batch norms folded" if fold else ""
         layout = ", channels-last" if channels_last else ""
         typer.echo(f"wrote {output} ({'mock' if mock else 'pruned'} model{folded}{layout})")
@@ -556,23 +560,59 @@ def apply_command(
 @app.command("apply-checkpoint")
 def apply_checkpoint_command(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="A spec written by 'prunespec plan'.")],
-    checkpoint: Annotated[Path, typer.Argument(metavar="IN", help="The unpruned checkpoint (.safetensors).")],
-    output: Annotated[
-        Path, typer.Option("--output", "-o", metavar="OUT", help="The pruned checkpoint (.safetensors).")
+    checkpoint: Annotated[
+        str,
+        typer.Argument(
+            metavar="IN", help="The unpruned checkpoint: a .safetensors file, or a Hugging Face folder as hf:PATH."
+        ),
     ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", metavar="OUT", help="The pruned checkpoint: a .safetensors file, or a model folder."
+        ),
+    ],
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output folder (once the new one is complete).")
+    ] = False,
 ) -> None:
-    """Prune a safetensors checkpoint directly, one tensor at a time, without building the model."""
+    """Prune a checkpoint directly, one tensor at a time, without building the model.
+
+    A Hugging Face folder (hf:PATH, or a folder with config.json) becomes a complete model folder: pruned shards
+    with their index, the config with the pruned sizes where a config can say them, every other file copied, and
+    the spec as prunespec.json. Load it with transformers' from_pretrained (when the spec's config describes the
+    pruned model) or with prunespec.load_pruned.
+    """
     with _reporting_errors():
-        for path, role in ((checkpoint, "IN"), (output, "-o")):
+        source = Path(checkpoint.removeprefix("hf:"))
+        spec = prunespec.load_spec(spec_path)
+        if checkpoint.startswith("hf:") or source.is_dir():
+            if output.suffix.lower() == ".safetensors":
+                raise CliError(f"-o {str(output)!r}: a model folder is written into a folder, not a .safetensors file")
+            if output.exists() and not overwrite:
+                raise CliError(f"-o {str(output)!r} exists already; give another folder, or --overwrite to replace it")
+            result = prunespec.prune_folder(spec, source, output, overwrite=overwrite)
+            typer.echo(f"wrote {output} (pruned model folder: {describe_folder(result)})")
+            return
+        for path, role in ((source, "IN"), (output, "-o")):
             if path.suffix.lower() != ".safetensors":
-                raise CliError(f"{role} {str(path)!r}: apply-checkpoint reads and writes .safetensors files")
+                raise CliError(f"{role} {str(path)!r}: apply-checkpoint reads and writes .safetensors files, "
+                               "or model folders (hf:PATH)")  # fmt: skip
         _check_output_folder(output)
-        if not checkpoint.is_file():
-            raise CliError(f"checkpoint {str(checkpoint)!r} does not exist")
+        if not source.is_file():
+            raise CliError(f"checkpoint {str(source)!r} does not exist")
         from prunespec.applier.checkpoint import prune_checkpoint
 
-        prune_checkpoint(prunespec.load_spec(spec_path), checkpoint, output)
+        prune_checkpoint(spec, source, output)
         typer.echo(f"wrote {output} (pruned checkpoint)")
+
+
+def describe_folder(result) -> str:
+    """What `prune_folder` wrote, in a few words."""
+    words = f"{len(result.shards)} shard(s), {result.total_size / 2**20:,.1f} MiB of weights, {len(result.copied)} files copied"
+    if result.left_out:
+        words += f"; left out {', '.join(result.left_out[:3])}{' and more' if len(result.left_out) > 3 else ''}"
+    return words
 
 
 SpecArgument = Annotated[Path, typer.Argument(metavar="SPEC", help="A spec written by 'prunespec plan'.")]
@@ -856,8 +896,6 @@ def _dtype(name: str) -> torch.dtype:
 def _max_difference(pruned: nn.Module, mocked: nn.Module, inputs: list[torch.Tensor]) -> tuple[float, float]:
     """The largest absolute difference between the outputs of the two models, run in float64, and the largest
     absolute value of the mock's outputs (the output scale)."""
-    from torch.utils._pytree import tree_leaves
-
     with torch.no_grad():
         pruned_out = tree_leaves(pruned.double().eval()(*inputs))
         mocked_out = tree_leaves(mocked.double().eval()(*inputs))
@@ -875,40 +913,28 @@ def _max_difference(pruned: nn.Module, mocked: nn.Module, inputs: list[torch.Ten
     return largest, scale
 
 
-def _write_model(model: nn.Module, spec: prunespec.PruningSpec, output: Path) -> None:
-    suffix = output.suffix.lower()
-    if suffix == ".pt2":
-        typer.echo(f"exporting {output} (torch.export) ...", err=True)
-        program = torch.export.export(model, tuple(spec_inputs(spec)))
-        with atomic_path(output) as tmp, warnings.catch_warnings():
-            # torch warns of every weight that is not contiguous in NCHW order, channels-last ones included, and
-            # then stores its whole storage, which is right for them (tests/test_layout.py compares the outputs).
-            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
-            torch.export.save(program, tmp)
-        return
-
-    state = _plain_state_dict(model)
-    with atomic_path(output) as tmp:
-        if suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(state, str(tmp))
-        else:
-            torch.save(state, tmp)
-
-
-def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors, with tied tensors copied: safetensors refuses tensors that share memory."""
-    state: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for key, tensor in model.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer in seen:
-            tensor = tensor.clone()
-        seen.add(pointer)
-        state[key] = tensor
-    return state
+def verify_onnx(path: Path, mocked: nn.Module, inputs: list[torch.Tensor], tolerance: float) -> str:
+    """Run the ONNX file on `inputs` and compare it with the mock; the verdict line, or `CliError` (the file is
+    removed: it does not compute what it should)."""
+    with torch.no_grad():
+        outputs = tree_leaves(mocked.eval()(*inputs, **plain_call(mocked.model)))
+    expected = [t for t in outputs if isinstance(t, torch.Tensor)]
+    actual = run_onnx(path, inputs)
+    scale = max((t.abs().max().item() for t in expected if t.numel()), default=1.0)
+    difference = max(
+        ((a.double() - e.double()).abs().max().item() for a, e in zip(actual, expected) if e.numel()), default=0.0
+    )
+    # The ONNX graph runs in the model's float32 with onnxruntime's own kernels: float32 rounding, not float64's.
+    allowed = max(tolerance, 1e-4)
+    relative = difference / max(1.0, scale)
+    if len(actual) < len(expected) or not relative <= allowed:
+        path.unlink(missing_ok=True)
+        raise CliError(f"the ONNX graph differs from the mock by {relative:.1e} of the output scale {scale:.3g} "
+                       f"(more than {allowed:g}); the file was removed")  # fmt: skip
+    return (
+        f"verify: ONNX (onnxruntime) max |onnx - mock| = {difference:.1e} (relative {relative:.1e}), "
+        f"tolerance {allowed:g}: ok"
+    )
 
 
 def describe_plan(spec: prunespec.PruningSpec, output: Path, asked: str = "named channels") -> str:
@@ -931,7 +957,7 @@ def describe_plan(spec: prunespec.PruningSpec, output: Path, asked: str = "named
         lines += [f"  {title}:", *(f"    {line}" for line in section)]
     if spec.kept:
         lines.append(f"  kept {len(spec.kept)} group(s) of the {asked}:")
-        lines.extend(f"    {k.tensor} {k.side.replace('_', ' ')} {k.channels} kept: {k.reason}" for k in spec.kept)
+        lines.extend(f"    {review.kept_words(k)} kept: {k.reason}" for k in spec.kept)
     return "\n".join(lines)
 
 

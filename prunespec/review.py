@@ -220,6 +220,13 @@ def unit_lines(spec: PruningSpec) -> list[tuple[str, list[str]]]:
     return sections
 
 
+def kept_words(kept) -> str:
+    """A kept group in words: ``layer1.0.conv1.weight input channels 3-4``, ``model.layers.0.self_attn heads 1``."""
+    if kept.side in ("input", "output"):
+        return f"{kept.tensor} {kept.side} channels {kept.channels}"
+    return f"{kept.tensor} {kept.side.replace('_', ' ')} {kept.channels}"
+
+
 def _value(value) -> str:
     if value is None:
         return "(absent)"
@@ -279,7 +286,7 @@ def render_show(spec: PruningSpec, fmt: str = "text") -> str:
         lines += ["", f"{title}:", *(f"{'- ' if markdown else '  '}{line}" for line in section)]
     if spec.kept:
         lines += ["", f"kept {len(spec.kept)} requested group(s) of channels or heads:"]
-        lines += [f"  {k.tensor} {k.side.replace('_', ' ')} {k.channels}: {k.reason}" for k in spec.kept]
+        lines += [f"  {kept_words(k)}: {k.reason}" for k in spec.kept]
     if markdown:
         lines = [line if line.startswith(("|", "#")) or not line else line + "  " for line in lines]
     return "\n".join(lines) + "\n"

@@ -274,7 +274,7 @@ def test_expected_failures_are_one_line_errors(tiny_spec: Path, tmp_path: Path) 
             ["apply", tiny_spec, "models_for_cli:wider_net", "-o", "out.pt2"],
             [f"the spec was planned for {TINY} (11 tensors); the model (Sequential) differs in 7 of them"],
         ),
-        "bad-suffix": ([*apply_tiny, "-o", "out.onnx"], [".pt2", ".safetensors"]),
+        "bad-suffix": ([*apply_tiny, "-o", "out.h5"], [".pt2", ".onnx", ".safetensors"]),
     }
     real = ("bad-specifier", "corrupt-spec", "wrong-model")
     runs = run_all({name: cases[name][0] for name in real}, tmp_path) | invoke_all(

@@ -85,6 +85,7 @@ def test_bad_hf_folders_are_one_line_model_errors(tmp_path):
     with pytest.raises(ModelError, match="is not a Hugging Face model folder: it has no config.json"):
         load_model(f"hf:{tmp_path}")
     model, _ = FAMILIES["llama"].build()
+    model.config.architectures = ["LlamaForCausalLM"]
     model.config.save_pretrained(tmp_path)
     with pytest.raises(ModelError, match="has no safetensors weights"):
         load_model(f"hf:{tmp_path}")

@@ -299,7 +299,8 @@ BAD_FOLDERS = {
     ),
     "another model": (
         _another_model,
-        r"in: fingerprint: the checkpoint has tensor '.*' \(.*\) that the spec does not list$",
+        r"in: fingerprint: the spec was planned for LlamaForCausalLM \(21 tensors\); the checkpoint has 6 more \(first: "
+        r"the spec does not list tensor '.*'\)$",
     ),
     "a config value other than planned": (
         _edit_json("config.json", lambda c: c.update(num_hidden_layers=3)),

@@ -263,7 +263,11 @@ def _build(folder: ModelFolder, meta: bool, restore: dict[str, Any] | None = Non
     except (OSError, ValueError, KeyError) as e:
         raise SpecError(f"{folder.path / CONFIG}: transformers cannot read it ({str(e).splitlines()[0]})") from None
     for key, value in (restore or {}).items():
-        setattr(config, key, value)
+        if value is None:  # the key was not in the config before pruning (a head_dim worked out from sizes)
+            if hasattr(config, key):
+                delattr(config, key)
+        else:
+            setattr(config, key, value)
     model_class = kwargs.pop("model_class", None)
     if model_class is None:
         architectures = getattr(config, "architectures", None) or [None]
@@ -289,9 +293,9 @@ def pruned_config(config: dict[str, Any], spec: PruningSpec, where: Path) -> dic
     result = dict(config)
     for key, (before, after) in spec.config.items():
         stored = key if key in config else _attribute_map(config).get(key, key)
-        if stored not in config:
+        if stored not in config and before is not None:
             raise SpecError(f"{where}: has no {key!r}, which the spec changes from {before!r} to {after!r}")
-        if config[stored] != before:
+        if config.get(stored) != before:
             raise SpecError(f"{where}: {stored} is {config[stored]!r} but the spec was planned with {before!r}")
         result[stored] = after
     return result
@@ -414,7 +418,10 @@ def load_pruned(folder: str | os.PathLike, dtype: torch.dtype | str | None = Non
             raise SpecError(f"{folder / CONFIG}: {key} is {value!r} but {SPEC} gives {after!r}")
     restore = {key: before for key, (before, _) in spec.config.items()}
     model = _build(stored, False, restore, **({"dtype": dtype} if dtype is not None else {}), **kwargs)
-    build_pruned(model, spec)
+    try:
+        build_pruned(model, spec)
+    except SpecError as e:  # the config does not build the model the spec was planned for
+        raise SpecError(f"{folder}: the shards do not fit {SPEC}: {str(e).removeprefix('fingerprint: ')}") from None
 
     tied = {renamed_key(spec, alias): renamed_key(spec, first) for alias, first in spec.tied.items()}
     tied = {alias: first for alias, first in tied.items() if alias is not None and first is not None}

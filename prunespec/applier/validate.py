@@ -258,7 +258,7 @@ def problems(model: nn.Module, spec: PruningSpec) -> list[str]:
     if spec.schema_version != SCHEMA_VERSION:
         found.append(f"schema_version: the spec has {spec.schema_version!r}; this prunespec applies {SCHEMA_VERSION!r}")
     found += fingerprint_problems(model, spec)
-    if sum(map(len, _differences(fingerprint(model), spec.fingerprint))) > SAME_MODEL_DIFFERS_IN:
+    if sum(map(len, _differences(fingerprint(model), spec.fingerprint, spec.tied))) > SAME_MODEL_DIFFERS_IN:
         return found
     modules = dict(model.named_modules())
     decoder = _Decoder(_index_fields(spec, modules))

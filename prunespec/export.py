@@ -1,0 +1,111 @@
+"""Export: write a pruned (or mock) model to a file a deployment loads, and run an ONNX file to check it.
+
+Start with `write_model`. By the file's suffix it writes a `torch.export` program (.pt2), an ONNX graph (.onnx,
+through torch's dynamo exporter) or a state dict (.safetensors, .pt, .pth); every output appears whole or not at
+all. `run_onnx` runs an ONNX file with onnxruntime, for `apply --verify`. ONNX needs the `onnx`, `onnxscript` and
+(to check) `onnxruntime` packages, which are optional.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunespec.errors import SpecError
+from prunespec.schemas import atomic_path
+
+SUFFIXES = (".pt2", ".onnx", ".safetensors", ".pt", ".pth")
+
+
+class ExportError(ValueError):
+    """A model that cannot be written in the asked format; nothing was written."""
+
+
+def write_model(
+    model: nn.Module, inputs: Sequence[torch.Tensor], path: str | os.PathLike, say: Callable[[str], None] | None = None
+) -> None:
+    """Write `model` to `path` in the format its suffix names; `inputs` are example inputs for the exporters.
+
+    `say` is told what is happening during an export, which can take a while.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ExportError(f"{str(path)!r}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+    if suffix == ".pt2":
+        (say or (lambda line: None))(f"exporting {path} (torch.export) ...")
+        program = torch.export.export(model, tuple(inputs), kwargs=plain_call(model))
+        with atomic_path(path) as tmp, warnings.catch_warnings():
+            # torch warns of every weight that is not contiguous in NCHW order, channels-last ones included, and
+            # then stores its whole storage, which is right for them (tests/test_layout.py compares the outputs).
+            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+            torch.export.save(program, tmp)
+    elif suffix == ".onnx":
+        (say or (lambda line: None))(f"exporting {path} (torch.onnx, dynamo) ...")
+        _write_onnx(model, inputs, path)
+    else:
+        state = plain_state_dict(model)
+        with atomic_path(path) as tmp:
+            if suffix == ".safetensors":
+                from safetensors.torch import save_file
+
+                save_file(state, str(tmp))
+            else:
+                torch.save(state, tmp)
+
+
+def plain_call(model: nn.Module) -> dict:
+    """Keyword arguments that make a model's forward return plain tensors: a Hugging Face model without its
+    key/value cache object, which exporters cannot hold."""
+    config = getattr(model, "config", None)
+    return {"use_cache": False} if config is not None and hasattr(config, "use_cache") else {}
+
+
+def _write_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path) -> None:
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    except ImportError:
+        raise ExportError("writing ONNX needs the onnx and onnxscript packages: pip install onnx onnxscript") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, tuple(inputs), kwargs=plain_call(model), dynamo=True, verbose=False)
+    except Exception as e:  # the exporter's own failure is the answer: say it in one line
+        text = str(e).strip().splitlines()
+        raise ExportError(f"torch.onnx cannot export this model: {type(e).__name__}: {text[0] if text else ''}") from e
+    with atomic_path(path) as tmp:
+        program.save(str(tmp))
+
+
+def run_onnx(path: str | os.PathLike, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The outputs of the ONNX file `path` on `inputs`, run with onnxruntime on the CPU."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ExportError("checking an ONNX file needs onnxruntime: pip install onnxruntime") from None
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise SpecError(f"{path}: onnxruntime cannot load it: {str(e).strip().splitlines()[0]}") from None
+    names = [i.name for i in session.get_inputs()]
+    feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, inputs)}
+    return [torch.from_numpy(out) for out in session.run(None, feeds)]
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, with tied tensors copied: safetensors refuses tensors that share memory."""
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen:
+            tensor = tensor.clone()
+        seen.add(pointer)
+        state[key] = tensor
+    return state
