@@ -118,7 +118,12 @@ def _runs_when_planned(model: torch.nn.Module, tmp_path, monkeypatch) -> list[st
     tracing = importlib.import_module("prunespec.planner.trace")  # the module, not the function of that name
     runs = []
     real_trace = tracing._trace
-    monkeypatch.setattr(tracing, "_trace", lambda model, inputs, run, *rest: runs.append(run) or real_trace(model, inputs, run, *rest))
+
+    def counted(model, inputs, run, *options):
+        runs.append(run)
+        return real_trace(model, inputs, run, *options)
+
+    monkeypatch.setattr(tracing, "_trace", counted)
     torch.manual_seed(0)
     for layer in (model.a, model.b):
         layer.reset_parameters()

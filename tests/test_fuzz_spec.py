@@ -64,6 +64,12 @@ REPLACEMENTS = [None, -1, 0, 2**63, 10**30, 1.5, True, "x", "", [], {}, "0-99999
                 "0" * 5000, [None], {"bogus": 1}]  # fmt: skip
 
 
+def _replacement(draw):
+    """A fresh copy of one of `REPLACEMENTS`: a shared list or dict would be mutated again in place by a later step
+    (into itself, even: a circular structure), and would carry the change into later examples."""
+    return copy.deepcopy(draw(st.sampled_from(REPLACEMENTS)))
+
+
 @st.composite
 def mutated(draw) -> bytes:
     data = copy.deepcopy(VALID)
@@ -75,13 +81,13 @@ def mutated(draw) -> bytes:
                 parent = parent[key]
             kind = draw(st.sampled_from(["replace", "delete", "extra", "off by one"]))
             if kind == "replace":
-                parent[path[-1]] = draw(st.sampled_from(REPLACEMENTS))
+                parent[path[-1]] = _replacement(draw)
             elif kind == "off by one" and type(parent[path[-1]]) is int:  # a size or count that nearly fits
                 parent[path[-1]] += draw(st.sampled_from([-1, 1]))
             elif kind == "delete" and isinstance(parent, dict):
                 del parent[path[-1]]
             elif kind == "extra" and isinstance(parent, dict):
-                parent["unexpected_field"] = draw(st.sampled_from(REPLACEMENTS))
+                parent["unexpected_field"] = _replacement(draw)
         except (KeyError, IndexError, TypeError):  # an earlier mutation removed or replaced the path
             pass
     text = json.dumps(data).encode()
