@@ -198,8 +198,8 @@ def _kept(spec: PruningSpec) -> str:
     if not spec.kept:
         return "<p>None: the planner removed every channel that was asked for.</p>"
     intro = (
-        f"<p>{_count(len(spec.kept), 'group')} of requested channels stay in the model, because removing them "
-        "would change what it computes:</p>"
+        f"<p>{_count(len(spec.kept), 'group')} of the channels or heads asked for stay in the model, because "
+        "removing them would change what it computes:</p>"
     )
     body: list[list[Cell]] = [[k.tensor, k.side, (k.channels, "indices"), k.reason] for k in spec.kept]
     return intro + _table(["tensor", "side", "channels", "reason"], body)

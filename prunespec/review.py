@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import msgspec
 
 from prunespec.schemas import LayerSpec, PruningSpec, decode_runs, encode_runs, parse_runs
+from prunespec.schemas.spec import change
 
 FORMATS = ("text", "markdown", "json")
 SHOW_FORMATS = (*FORMATS, "html")  # the page is made by prunespec.report
@@ -164,7 +165,7 @@ def describe_mode(spec: PruningSpec) -> str:
     request = spec.request
     mode = "constrained" if request.constrained else "unconstrained"
     mode += ", reordered" if request.reorder else ", not reordered"
-    return mode + (", zeroed channels" if request.zeroed else ", requested channels")
+    return mode + (", all-zero channels" if request.zeroed else ", named or chosen channels")
 
 
 def relative_change(before: int, after: int) -> str:
@@ -173,8 +174,7 @@ def relative_change(before: int, after: int) -> str:
     >>> relative_change(200, 150)
     '200 → 150 (-25.0%)'
     """
-    percent = f" ({(after - before) / before * 100:+.1f}%)" if before else ""
-    return f"{before:,} → {after:,}{percent}"
+    return change(before, after, "→")
 
 
 def _table(head: list[str], body: list[list[str]], markdown: bool) -> list[str]:
@@ -285,7 +285,7 @@ def render_show(spec: PruningSpec, fmt: str = "text") -> str:
     for title, section in unit_lines(spec):
         lines += ["", f"{title}:", *(f"{'- ' if markdown else '  '}{line}" for line in section)]
     if spec.kept:
-        lines += ["", f"kept {len(spec.kept)} requested group(s) of channels or heads:"]
+        lines += ["", f"kept {len(spec.kept)} group(s) of the channels or heads asked for:"]
         lines += [f"  {kept_words(k)}: {k.reason}" for k in spec.kept]
     if markdown:
         lines = [line if line.startswith(("|", "#")) or not line else line + "  " for line in lines]

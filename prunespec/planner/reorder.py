@@ -29,7 +29,7 @@ class Layout:
         self.segments: dict[int, tuple[int, ...]] = {}  # first root of a free segment -> its roots
         self.order: dict[int, list[int]] = {}  # first root of a free segment -> permutation of its positions
         self._known: dict[int, tuple[list[int], list[int]]] = {}  # id(slots) -> (slots, positions)
-        if not reorder:
+        if not reorder or not resolution.gathers:  # with no gather to turn into a slice, no order is better
             return
         self._find_free_segments(graph, [c.slots for c in graph.consumers] + [b.slots for b in graph.bindings])
         self._choose_orders(graph, resolution)

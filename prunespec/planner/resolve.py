@@ -39,6 +39,7 @@ class Resolution:
     dropped: set[int]  # slot roots that are removed
     columns: list[set[int]]  # per consumer (graph order): the weight input columns it keeps
     notes: list[Note] = field(default_factory=list)
+    gathers: bool = True  # whether any consumer reads fewer channels than its input holds
 
 
 # Requested units that are not channels of a weight: (module, kind) -> {index: slot}, kind "heads" or
@@ -101,14 +102,16 @@ def resolve(
             break
 
     columns, last = [], {}
+    gathers = False
     for consumer, roots, asked in zip(graph.consumers, reads, asks):
         present = [col for col, r in enumerate(roots) if r not in dropped]
         gather = not (constrained or consumer.no_gather)
-        keep = {col for col in present if col not in asked} if gather else set(present)
+        keep = {col for col in present if col not in asked} if gather and asked else set(present)
         if present and not keep:
             keep = {present[0]}
             last[len(columns)] = present[0]
         columns.append(keep)
+        gathers = gathers or len(keep) < len(present)
 
     notes = _notes(graph, pruned_inputs, pruned_outputs, dropped, columns, last)
     for (module, kind), chosen in (units or {}).items():
@@ -117,7 +120,7 @@ def resolve(
             if root[s] not in dropped:
                 kept.setdefault(slots.pinned(s) or "kept", []).append(index)
         notes += [Note(module, kind, indices, reason) for reason, indices in kept.items()]
-    return Resolution(dropped, columns, notes)
+    return Resolution(dropped, columns, notes, gathers)
 
 
 def _keep_one_channel(graph: ChannelGraph, root: list[int], dropped: set[int]) -> bool:

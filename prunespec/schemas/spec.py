@@ -228,14 +228,14 @@ class Summary(_Struct):
         )
 
 
-def change(before: int, after: int) -> str:
+def change(before: int, after: int, arrow: str = "->") -> str:
     """Before -> after, with the relative change.
 
-    >>> change(200, 150), change(0, 0)
-    ('200 -> 150 (-25.0%)', '0 -> 0')
+    >>> change(200, 150), change(0, 0), change(200, 150, "→")
+    ('200 -> 150 (-25.0%)', '0 -> 0', '200 → 150 (-25.0%)')
     """
     percent = f" ({(after - before) / before * 100:+.1f}%)" if before else ""
-    return f"{before:,} -> {after:,}{percent}"
+    return f"{before:,} {arrow} {after:,}{percent}"
 
 
 class PruningSpec(_Struct):
