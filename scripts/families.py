@@ -9,11 +9,15 @@ them: they are test and zoo extras, never dependencies of prunespec.
 
 from __future__ import annotations
 
+import inspect
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from prunespec.applier import MockPrunedModel
 
 VOCABULARY = 64
 TOKENS = 7
@@ -149,3 +153,70 @@ RESIDUAL: dict[str, Family] = {
     "tv-convnext_tiny": Family(_torchvision("convnext_tiny", 64)),
     "tv-resnet50": Family(_torchvision("resnet50", 64)),
 }
+
+
+# ------------------------------------------------------------------------------------------ random seeded patterns
+# Shared by the tests and by `scripts/zoo_transformers.py`, so that a pattern that fails in the sweep reproduces in
+# a test.
+
+def random_heads(model, inputs, seed: int) -> tuple[list, list]:
+    """For each traced attention: with even odds, drop one key/value head (not the last) or some query heads
+    (the same number from each key/value group, as grouped-query attention needs)."""
+    from prunespec.planner.trace import trace  # here: the zoo's apply worker must run without the planner
+
+    rng = random.Random(seed)
+    heads, kv_heads = [], []
+    for record in trace(model, inputs).heads:
+        groups = len(record.key_value)
+        per_group = len(record.query) // groups
+        if rng.random() < 0.5 and groups > 1:
+            kv_heads.append((record.module, rng.randrange(groups)))
+        elif per_group > 1 or groups > 1:
+            drop = rng.randint(1, per_group - 1) if per_group > 1 else 1
+            for g in range(groups if per_group > 1 else 1):
+                chosen = rng.sample(range(per_group), drop) if per_group > 1 else [rng.randrange(len(record.query))]
+                heads += [(record.module, g * per_group + j) for j in chosen]
+    return heads, kv_heads
+
+
+# The layer whose output columns carry each family's stream (the embedding, the patch embedding).
+STREAM = {
+    "llama": "model.embed_tokens.weight", "qwen2": "model.embed_tokens.weight", "mistral": "model.embed_tokens.weight",
+    "gemma": "model.embed_tokens.weight", "phi3": "model.embed_tokens.weight", "gpt2": "transformer.wte.weight",
+    "bert": "bert.embeddings.word_embeddings.weight", "hf-vit": "vit.embeddings.patch_embeddings.projection.weight",
+    "timm-vit": "patch_embed.proj.weight", "timm-deit": "patch_embed.proj.weight",
+    "timm-eva02": "patch_embed.proj.weight", "tv-vit_b_16": "conv_proj.weight", "tv-swin_t": "features.0.0.weight",
+    "torch-mha": "embed.weight",
+}  # fmt: skip
+
+
+def stream_request(model, inputs, family: str, seed: int) -> list[tuple[str, int]]:
+    """A quarter of the stream's channels, drawn with `seed`."""
+    weight = STREAM[family]
+    module = model.get_submodule(weight.rsplit(".", 1)[0])
+    width = module.embedding_dim if isinstance(module, nn.Embedding) else module.weight.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    return [(weight, int(c)) for c in torch.randperm(width, generator=generator)[: width // 4]]
+
+
+def droppable(model, inputs) -> list[str]:
+    """The smallest modules the trace shows are residual blocks (a stack of blocks is one too)."""
+    from prunespec.planner.trace import trace
+    found = [name for name, why in trace(model, inputs).blocks.items() if why is None]
+    return [b for b in found if not any(o.startswith(f"{b}.") for o in found)]
+
+
+def greedy(model, ids: torch.Tensor, steps: int):
+    """Greedy decoding with the key/value cache: the prompt once, then one token at a time."""
+    from transformers import DynamicCache
+
+    network = model.model if isinstance(model, MockPrunedModel) else model
+    name = "cache" if "cache" in inspect.signature(network.forward).parameters else "past_key_values"
+    cache = DynamicCache()
+    out = model(input_ids=ids, use_cache=True, **{name: cache})
+    tokens = []
+    for _ in range(steps):
+        token = out.logits[:, -1:].argmax(-1)
+        tokens.append(token)
+        out = model(input_ids=token, use_cache=True, **{name: cache})
+    return torch.cat(tokens, dim=1), cache

@@ -478,16 +478,23 @@ def totals_line(results: dict[str, Any]) -> str:
     return f"{len(results['models'])} models, {sum(count.values())} (model, mode) cells: {parts}"
 
 
-def write_docs(table: str, page: Path = DOCS_PAGE) -> None:
-    """Replace what lies between the zoo markers of `page`; add a section with the markers if there is none."""
+def write_docs(
+    table: str,
+    page: Path = DOCS_PAGE,
+    start: str = DOCS_START,
+    end: str = DOCS_END,
+    title: str = "Coverage of the torchvision models",
+) -> None:
+    """Replace what lies between the `start` and `end` markers of `page`; add a section with the markers if there is
+    none."""
     text = page.read_text()
-    block = f"{DOCS_START}\n{table}\n{DOCS_END}"
-    if DOCS_START in text and DOCS_END in text:
-        head, rest = text.split(DOCS_START, 1)
-        tail = rest.split(DOCS_END, 1)[1]
+    block = f"{start}\n{table}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
         text = head + block + tail
     else:
-        text = text.rstrip("\n") + "\n\n## Coverage of the torchvision models\n\n" + block + "\n"
+        text = text.rstrip("\n") + f"\n\n## {title}\n\n" + block + "\n"
     page.write_text(text)
 
 

@@ -11,22 +11,13 @@ import torch
 
 import prunespec
 from invariant import assert_invariant, random_request
-from prunespec.planner.trace import trace
-from scripts.families import FAMILIES, RESIDUAL
-from test_heads import greedy, random_heads
-from test_hidden import stream_request
+from scripts.families import FAMILIES, RESIDUAL, droppable, greedy, random_heads, stream_request
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 FAMILIES_WITH_BLOCKS = ["llama", "qwen2", "gemma", "gpt2", "hf-vit", "timm-vit", "tv-vit_b_16", "tv-swin_t"]
 BUILDERS = {**FAMILIES, **RESIDUAL}
-
-
-def droppable(model, inputs) -> list[str]:
-    """The smallest modules the trace shows are residual blocks (a stack of blocks is one too)."""
-    found = [name for name, why in trace(model, inputs).blocks.items() if why is None]
-    return [b for b in found if not any(o.startswith(f"{b}.") for o in found)]
 
 
 @pytest.mark.parametrize("constrained", [False, True], ids=["unconstrained", "constrained"])

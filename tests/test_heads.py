@@ -8,7 +8,6 @@ seeded head patterns in both modes, stored, reloaded, applied, and compared with
 from __future__ import annotations
 
 import copy
-import random
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch
 import prunespec
 from invariant import TOLERANCE, assert_invariant
 from prunespec.planner.trace import trace
-from scripts.families import FAMILIES
+from scripts.families import FAMILIES, greedy, random_heads
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
@@ -27,24 +26,6 @@ pytest.importorskip("timm")
 KEEPS_HEADS = {"tv-swin_t": "is combined with a fixed-size tensor made in forward",
                "timm-eva02": "is merged by 'reshape' with its size written as a number",
                "phi3": "is sliced along its channels with bounds the pruned model does not follow"}  # fmt: skip
-
-
-def random_heads(model, inputs, seed: int) -> tuple[list, list]:
-    """For each traced attention: with even odds, drop one key/value head (not the last) or some query heads
-    (the same number from each key/value group, as grouped-query attention needs)."""
-    rng = random.Random(seed)
-    heads, kv_heads = [], []
-    for record in trace(model, inputs).heads:
-        groups = len(record.key_value)
-        per_group = len(record.query) // groups
-        if rng.random() < 0.5 and groups > 1:
-            kv_heads.append((record.module, rng.randrange(groups)))
-        elif per_group > 1 or groups > 1:
-            drop = rng.randint(1, per_group - 1) if per_group > 1 else 1
-            for g in range(groups if per_group > 1 else 1):
-                chosen = rng.sample(range(per_group), drop) if per_group > 1 else [rng.randrange(len(record.query))]
-                heads += [(record.module, g * per_group + j) for j in chosen]
-    return heads, kv_heads
 
 
 @pytest.mark.parametrize("constrained", [False, True], ids=["unconstrained", "constrained"])
@@ -65,24 +46,6 @@ def test_random_head_patterns_prune_exactly(family, constrained, tmp_path):
         assert lost, f"{family}: no attention lost a head; kept: {spec.kept}"
         asked = {module for module, _ in heads + kv_heads}
         assert set(lost) <= asked
-
-
-def greedy(model, ids: torch.Tensor, steps: int):
-    """Greedy decoding with the key/value cache: the prompt once, then one token at a time."""
-    import inspect
-
-    from transformers import DynamicCache
-
-    network = model.model if isinstance(model, prunespec.applier.MockPrunedModel) else model
-    name = "cache" if "cache" in inspect.signature(network.forward).parameters else "past_key_values"
-    cache = DynamicCache()
-    out = model(input_ids=ids, use_cache=True, **{name: cache})
-    tokens = []
-    for _ in range(steps):
-        token = out.logits[:, -1:].argmax(-1)
-        tokens.append(token)
-        out = model(input_ids=token, use_cache=True, **{name: cache})
-    return torch.cat(tokens, dim=1), cache
 
 
 @pytest.mark.parametrize("family", sorted(f for f, spec in FAMILIES.items() if spec.causal_lm))

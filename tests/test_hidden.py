@@ -15,22 +15,10 @@ from torch import nn
 
 import prunespec
 from invariant import assert_invariant, random_request
-from scripts.families import FAMILIES
-from test_heads import greedy, random_heads
+from scripts.families import FAMILIES, greedy, random_heads, stream_request
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
-
-# The layer whose output columns carry each family's stream (the embedding, the patch embedding).
-STREAM = {
-    "llama": "model.embed_tokens.weight", "qwen2": "model.embed_tokens.weight", "mistral": "model.embed_tokens.weight",
-    "gemma": "model.embed_tokens.weight", "phi3": "model.embed_tokens.weight", "gpt2": "transformer.wte.weight",
-    "bert": "bert.embeddings.word_embeddings.weight", "hf-vit": "vit.embeddings.patch_embeddings.projection.weight",
-    "timm-vit": "patch_embed.proj.weight", "timm-deit": "patch_embed.proj.weight",
-    "timm-eva02": "patch_embed.proj.weight", "tv-vit_b_16": "conv_proj.weight", "tv-swin_t": "features.0.0.weight",
-    "torch-mha": "embed.weight",
-}  # fmt: skip
-
 
 # Families that keep their stream, for the reason they state: the attention reshapes its output to the width of its
 # input (EVA, Swin's heads too), or the patches are reshaped with the width written as a number (torchvision ViT).
@@ -40,14 +28,6 @@ KEEPS_HIDDEN = {
     "tv-vit_b_16": "is reshaped by 'reshape' with its channel count written as a number",
 }
 WITHOUT_NORMS = {"torch-mha"}
-
-
-def stream_request(model, inputs, family: str, seed: int) -> list[tuple[str, int]]:
-    """A quarter of the stream's channels, drawn with `seed`."""
-    weight = STREAM[family]
-    width = dict(model.named_parameters())[weight].shape[1 if "embed" in weight and "proj" not in weight else 0]
-    generator = torch.Generator().manual_seed(seed)
-    return [(weight, int(c)) for c in torch.randperm(width, generator=generator)[: width // 4]]
 
 
 @pytest.mark.parametrize("constrained", [False, True], ids=["unconstrained", "constrained"])
