@@ -1,6 +1,6 @@
 """Accuracy study on a pretrained transformer: prune the sentence encoder all-MiniLM-L6-v2 without fine-tuning.
 
-    python examples/minilm.py                        # the whole study, about 5 minutes on two cores
+    python examples/minilm.py                        # the whole study, about 7 minutes on two cores
     python examples/minilm.py --quick                # one criterion, one amount per unit: a smoke test
     python examples/minilm.py --out out/minilm.json --docs   # and rewrite the table in docs/accuracy.md
 
@@ -57,7 +57,7 @@ TOLERANCE = 1e-9  # max |pruned - mock| / max |mock| in float64 on the per-token
 
 # unit -> (criteria, amounts, options of `select`, options of `plan`). Heads and MLP channels are counted per layer
 # (lamp ranks globally, as it must); the hidden width is one segment, the whole residual stream, so every criterion
-# ranks its 384 channels together (lamp's global rescaling then orders them as l2 does).
+# ranks its 384 channels together, a channel's score summed over the weights that write it.
 UNITS: dict[str, tuple[tuple[str, ...], tuple[float, ...], dict[str, Any], dict[str, Any]]] = {
     "heads": (("l1", "l2", "fpgm", "lamp", "output", "random"), (0.1, 0.25, 0.5), {"unit": "heads"}, {}),
     # the outputs of `intermediate.dense` (and the inputs of `output.dense` with them); the query, key and value
