@@ -84,6 +84,7 @@ def test_tied_embeddings_prune_both_sides_and_stay_tied(tmp_path):
     )
     assert pruned.lm_head.weight is pruned.transformer.wte.weight
     assert pruned.lm_head.weight.shape == (64, 48) and pruned.transformer.wpe.weight.shape == (64, 48)
+    assert pruned.transformer.wte.embedding_dim == pruned.transformer.wpe.embedding_dim == 48
     assert spec.layers["lm_head"].tensors["weight"] == spec.layers["transformer.wte"].tensors["weight"]
 
 

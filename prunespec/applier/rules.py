@@ -158,6 +158,23 @@ class MatrixRule(Rule):
         return {"nx": shapes["weight"][0], "nf": shapes["weight"][1]}
 
 
+class EmbeddingRule(Rule):
+    """nn.Embedding and nn.EmbeddingBag: weight is [num_embeddings, embedding_dim]; the hidden width prunes its
+    columns. It reads token ids, not channels."""
+
+    attributes = frozenset({"num_embeddings", "embedding_dim"})
+
+    def check(self, attributes, tensors):
+        weight = tensors["weight"]
+        for axis, name in enumerate(("num_embeddings", "embedding_dim")):
+            if attributes[name] != weight.shape[axis]:
+                return f"attribute '{name}' is {attributes[name]} but weight axis {axis} has {weight.shape[axis]}"
+        return None
+
+    def derive(self, module, shapes):
+        return {"num_embeddings": shapes["weight"][0], "embedding_dim": shapes["weight"][1]}
+
+
 class PerChannelNormRule(Rule):
     """Batch and instance norms: every per-channel tensor has num_features entries. They read channels one to one,
     so an activation subselection never belongs in front of them."""
@@ -388,6 +405,8 @@ register(nn.SyncBatchNorm, PerChannelNormRule())  # its forward is not the plain
 for _norm in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
     register(_norm, PerChannelNormRule())
 register(nn.PReLU, PReLURule())
+register(nn.Embedding, EmbeddingRule())
+register(nn.EmbeddingBag, EmbeddingRule())
 register(nn.MultiheadAttention, MultiheadAttentionRule())
 register(nn.LayerNorm, LayerNormRule())
 register(nn.RMSNorm, LayerNormRule())

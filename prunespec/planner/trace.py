@@ -102,6 +102,8 @@ class Tracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.current_op = getattr(func, "__name__", "")
+        if self.current_op == "__get__":  # a property (x.T, x.mT, x.real): name it, not its getter
+            self.current_op = getattr(getattr(func, "__self__", None), "__name__", "__get__")
         if self.meta:
             out = made_output(self.current_op, args, kwargs)
             if out is None:
@@ -252,8 +254,7 @@ class Tracer(TorchFunctionMode):
             self._norm_reads.append((norm, id(x)))
 
     def _count_reads(self, func, leaves) -> None:
-        name = getattr(getattr(func, "__self__", None), "__name__", None) if self.current_op == "__get__" else None
-        if (name or self.current_op) in METADATA:
+        if self.current_op in METADATA:
             return
         for t in leaves:
             entry = self._outputs.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -370,8 +371,9 @@ class Tracer(TorchFunctionMode):
             inside = {root(s) for s in cmap_in.slots}
             ok = all(root(s) in inside for slots, _ in couplings for s in slots)
         if not ok:
+            where = f"in {name}" if name else "in the model's own forward"
             for slots, why in couplings:
-                self.slots.pin(slots, f"{why} in {name}, which the planner cannot run on fewer channels")
+                self.slots.pin(slots, f"{why} {where}, which the planner cannot run on fewer channels")
             return
         self.graph.renorms.append(Renorm(name, cmap_in.axis - x.ndim, cmap_out.axis - y.ndim, cmap_in.slots))
 
