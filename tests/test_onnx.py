@@ -24,8 +24,10 @@ onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-VERDICT = re.compile(r"^verify: ONNX \(onnxruntime, float32\) max \|onnx - mock\| = (\S+) \(relative (\S+)\), tolerance (\S+): ok$",
-                     re.MULTILINE)  # fmt: skip
+VERDICT = re.compile(
+    r"^verify: ONNX \(onnxruntime, float32\) max \|onnx - mock\| = (\S+) \(relative (\S+)\), tolerance (\S+): ok$",
+    re.MULTILINE,
+)
 
 
 def onnx_outputs(path: Path, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
