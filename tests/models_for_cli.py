@@ -2,7 +2,8 @@
 
 `tiny_net` is the model most CLI tests plan and apply; `wider_net` has the same layer names with other shapes (to
 apply a spec to the wrong model); `looks_at_values` is `tiny_net` with a forward that cannot run on meta tensors;
-`not_a_model` returns something that is not a module.
+`branches_on_values` is `tiny_net` whose forward takes a branch by the values of its output, which no exported graph
+can hold; `not_a_model` returns something that is not a module.
 """
 
 from __future__ import annotations
@@ -38,6 +39,18 @@ class _LooksAtValues(nn.Sequential):
 
 def looks_at_values() -> nn.Sequential:
     return _LooksAtValues(*tiny_net())
+
+
+class _BranchesOnValues(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if y.sum() > 0:  # which branch runs depends on the values: data-dependent control flow
+            return y
+        return -y
+
+
+def branches_on_values() -> nn.Sequential:
+    return _BranchesOnValues(*tiny_net())
 
 
 def not_a_model() -> list[int]:

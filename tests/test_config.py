@@ -62,6 +62,21 @@ def test_a_plan_no_config_describes_is_refused_when_uniform_is_asked_and_recorde
                        uniform=True)  # fmt: skip
 
 
+def test_a_uniform_plan_whose_config_transformers_would_refuse_is_not_described():
+    # Llama's config validates hidden_size % num_attention_heads == 0 when it is read, so a hidden width of 63 with
+    # 8 heads builds (head_dim is given) but would not load with from_pretrained: no config describes it.
+    model, inputs = FAMILIES["llama"].build()
+    request = [("model.embed_tokens.weight", 5)]
+    with pytest.raises(prunespec.PlanError, match=r"^uniform: .*LlamaConfig refuses .*multiple of the number of att"):
+        prunespec.plan(model, inputs, pruned_outputs=request, through_norms=True, uniform=True)
+    spec = prunespec.plan(model, inputs, pruned_outputs=request, through_norms=True)
+    assert "hidden_size" not in spec.config
+    eight = [("model.embed_tokens.weight", c) for c in range(8)]  # 56 = 8 * 7: allowed, and described
+    spec = prunespec.plan(model, inputs, pruned_outputs=eight, through_norms=True, uniform=True)
+    assert spec.config["hidden_size"] == (64, 56)
+    transformers.LlamaConfig.from_dict(prunespec.prune(copy.deepcopy(model), spec).config.to_dict())
+
+
 def test_an_hf_folder_is_planned_on_meta_from_its_config(tmp_path):
     model, _ = FAMILIES["llama"].build()
     model.float().save_pretrained(tmp_path / "llama", max_shard_size="40KB")

@@ -68,6 +68,9 @@ def described(model: torch.nn.Module, spec: PruningSpec, inputs, head_dims: set[
     changed = copy.deepcopy(without_blocks)
     for key, (_, after) in proposals.items():
         setattr(changed, key, copy.deepcopy(after))
+    refused = _refused(changed)
+    if refused is not None:
+        return dict(spec.config), refused
     try:
         rebuilt = _shapes(_built(model, changed))
     except Exception as e:
@@ -123,6 +126,22 @@ def _runs_differently(model, spec: PruningSpec, config, inputs) -> str | None:
     for a, b in zip(want, have):
         if a.shape != b.shape or not torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6 * a.abs().max()):
             return "the model built from the new config computes something else (it works values out of its sizes)"
+    return None
+
+
+def _refused(config) -> str | None:
+    """Why the config class refuses these values when it reads them from a file, as `from_pretrained` does; None
+    when it takes them. Setting attributes checks nothing, but a config read from config.json is validated (Llama's
+    wants `hidden_size` a multiple of `num_attention_heads`, even where `head_dim` is given)."""
+    if not hasattr(config, "to_dict") or not hasattr(type(config), "from_dict"):
+        return None
+    try:
+        type(config).from_dict(config.to_dict())
+    except Exception as e:
+        cause = e
+        while cause.__cause__ is not None:  # huggingface_hub wraps the validator's own message
+            cause = cause.__cause__
+        return f"{type(config).__name__} refuses the values it would take ({_first_line(cause)})"
     return None
 
 
