@@ -49,9 +49,9 @@ SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the GGUF file of the PyPI package
 RANDOM_LLAMA = dict(vocab_size=32000, hidden_size=1280, intermediate_size=3456, num_hidden_layers=6,
                     num_attention_heads=20, num_key_value_heads=10, max_position_embeddings=2048,
                     tie_word_embeddings=False)  # fmt: skip
-QUICK = {"layers": 2, "prompt": 128, "batch": 2, "new_tokens": 16, "rounds": 3, "smollm2": False}
+QUICK = {"layers": 2, "prompt": 128, "batch": 2, "new_tokens": 16, "rounds": 3, "smollm2": False, "smollm2_batch": None}
 FULL = {"layers": RANDOM_LLAMA["num_hidden_layers"], "prompt": 512, "batch": 8, "new_tokens": 64, "rounds": 5,
-        "smollm2": True}  # fmt: skip
+        "smollm2": True, "smollm2_batch": None}  # fmt: skip
 PLAN_TOKENS = 16  # the planning input: tracing works on shapes, so a short one plans the same as a long one
 DECODE_PROMPT = 16  # tokens of the prompt that greedy decoding starts from
 
@@ -215,11 +215,11 @@ def measure(name: str, model, args) -> dict:
         info["mac_check"] = check_macs(v["model"], v["spec"], plan_ids)
         row["variants"][key] = info
     row["dense_mac_check"] = check_macs(model, pruned["mlp"]["spec"], plan_ids, after=False)
-    workloads = {
-        "prefill_b1": (1, args.prompt, lambda m, ids: prefill(m, ids)),
-        f"prefill_b{args.batch}": (args.batch, args.prompt, lambda m, ids: prefill(m, ids)),
-        "decode": (1, DECODE_PROMPT, lambda m, ids: decode(m, ids, args.new_tokens)),
-    }
+    big = args.smollm2_batch if name == "SmolLM2-135M" and args.smollm2_batch else args.batch
+    workloads = {"prefill_b1": (1, args.prompt, lambda m, ids: prefill(m, ids))}
+    if big > 1:
+        workloads[f"prefill_b{big}"] = (big, args.prompt, lambda m, ids: prefill(m, ids))
+    workloads["decode"] = (1, DECODE_PROMPT, lambda m, ids: decode(m, ids, args.new_tokens))
     row["workloads"] = {}
     for work, (batch, tokens, run) in workloads.items():
         ids = token_ids(model, batch, tokens, seed=1)
@@ -231,8 +231,9 @@ def measure(name: str, model, args) -> dict:
         row["workloads"][work] = {"batch": batch, "prompt": tokens, "tokens": produced, "rounds": rounds,
                                   "macs": macs, "times": times}  # fmt: skip
     if not args.skip_profile:
-        for work in ("prefill_b1", "decode"):
-            batch, tokens, run = workloads[work]
+        profiled = {"prefill_b1": workloads["prefill_b1"],
+                    "decode": (1, DECODE_PROMPT, lambda m, ids: decode(m, ids, min(16, args.new_tokens)))}
+        for work, (batch, tokens, run) in profiled.items():
             ids = token_ids(model, batch, tokens, seed=1)
             log(name, "profile", work)
             row.setdefault("profile", {})[work] = {key: top_ops(lambda m=m: run(m, ids)) for key, m in models.items()}
@@ -269,7 +270,8 @@ def render(results: dict) -> str:
                   f"Hidden {c['hidden_size']}, MLP {c['intermediate_size']}, {c['num_hidden_layers']} layers, "
                   f"{c['num_attention_heads']} query heads in {c['num_key_value_heads']} key/value groups, vocabulary "
                   f"{c['vocab_size']} ({'tied' if c['tie_word_embeddings'] else 'untied'} embeddings), "
-                  f"{row['parameters']['dense'] / 1e6:.0f}M parameters, attention `{row['attention']}`.", ""]  # fmt: skip
+                  f"{row['parameters']['dense'] / 1e6:.0f}M parameters, attention `{row['attention']}`.",
+                  ""]  # fmt: skip
         body = []
         for key, v in row["variants"].items():
             sizes = ", ".join(f"{k} {a}→{b}" for k, (a, b) in v["config"].items())
@@ -299,8 +301,10 @@ def render(results: dict) -> str:
         lines += report.table(["workload", "model", "ms", "tokens/s", "GMACs", "speedup", "MAC ratio",
                                "efficiency", "runs"], body)  # fmt: skip
         for work, per_model in row.get("profile", {}).items():
-            lines += ["", f"Top ops of {row['model']}, {work.replace('_b1', ' batch 1')} (torch.profiler, self CPU "
-                      "time of one call; share of the call's total):", ""]  # fmt: skip
+            what = (f"prefill of {row['workloads']['prefill_b1']['prompt']} tokens, batch 1" if work == "prefill_b1"
+                    else f"decode of {min(16, results['meta']['options']['new_tokens'])} tokens")  # fmt: skip
+            lines += ["", f"Top ops of {row['model']}, {what} (torch.profiler, self CPU time of one call; share of the "
+                      "call's total):", ""]  # fmt: skip
             head = ["model"] + [f"#{i}" for i in range(1, 6)]
             body = [[key] + [f"`{o['op']}` {o['self_cpu_ms']:.0f} ms ({o['share']:.0%}, {o['calls']}×)"
                              for o in ops[:5]] for key, ops in per_model.items()]  # fmt: skip
@@ -315,6 +319,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt", type=int, help=f"prefill tokens (default {FULL['prompt']})")
     parser.add_argument("--batch", type=int, help=f"the larger prefill batch (default {FULL['batch']})")
     parser.add_argument("--new-tokens", type=int, help=f"tokens decoded greedily (default {FULL['new_tokens']})")
+    parser.add_argument("--smollm2-batch", type=int, help="the larger prefill batch of SmolLM2-135M (default: "
+                        "--batch; 1 times batch 1 only)")
     parser.add_argument("--rounds", type=int, help=f"round-robin rounds at batch 1 (default {FULL['rounds']}); "
                         "two fewer, at least 3, at the larger batch")  # fmt: skip
     parser.add_argument("--no-smollm2", dest="smollm2", action="store_false", default=None,
@@ -349,7 +355,8 @@ def main(argv=None) -> None:
         "command": "python benchmarks/llm_latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": common.machine(), "transformers": transformers.__version__, "threads": args.threads,
         "load_average_before": os.getloadavg(), "fraction": FRACTION,
-        "options": {k: getattr(args, k) for k in ("layers", "prompt", "batch", "new_tokens", "rounds", "smollm2")},
+        "options": {k: getattr(args, k) for k in ("layers", "prompt", "batch", "smollm2_batch", "new_tokens", "rounds",
+                                                 "smollm2")},
     }, "models": []}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, model in build_models(args).items():
