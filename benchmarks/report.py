@@ -235,6 +235,12 @@ INFERENCE_TABLES = [
         "around them and picks the memory layout itself",
     ),
     (
+        "prunespec_channels_last_compiled",
+        "dense_compiled",
+        "compiled",
+        "folded, laid out channels-last with the costly gathers filled as zero columns, then compiled as above",
+    ),
+    (
         "prunespec_constrained_channels_last",
         "dense_channels_last",
         "channels-last",
