@@ -1,7 +1,7 @@
 """Latency of pruned transformers on CPU, float32: prefill and greedy decode, dense against pruned, like-for-like.
 
-    python benchmarks/llm_latency.py              # a random Llama-shaped model and SmolLM2-135M (about 15 minutes)
-    python benchmarks/llm_latency.py --quick      # two layers, short prompts, a few minutes
+    python benchmarks/llm_latency.py              # a random Llama-shaped model and SmolLM2-135M, full sizes
+    python benchmarks/llm_latency.py --quick      # two layers, short prompts, no SmolLM2: a few minutes
     python benchmarks/llm_latency.py --render out/llm_latency.json   # print (and put in the docs) a stored run
 
 Start at `main`. For each model (`build_models`) it plans three uniform pruned variants with prunespec (`variants`:
