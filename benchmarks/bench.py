@@ -18,7 +18,8 @@ the CPU tables of docs/performance.md between `<!-- bench:start -->` and `<!-- b
    and the constrained models. Also a `torch.export`ed program of the prunespec model, and max |pruned - mock|.
 4. `mark`: resnet50's efficiency at 30% random, batch 1, over several round-robin blocks, to show its spread.
 5. `scaling`: planning time and peak memory over model depth/width, input resolution and batch size.
-6. `profile`: torch.profiler's top ops of one pruned resnet50 from prunespec and from upscale.
+6. `profile`: torch.profiler's top ops of one pruned resnet50 from prunespec and from upscale, and of its
+   channels-last and compiled exports beside the dense model prepared alike.
 
 Every number is a median over at least `--repeats` runs after warm-up (`common.time_it`); the models compared in
 one latency row are timed round-robin (`common.time_together`), so a slow spell hits them alike. Every comparison
