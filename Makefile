@@ -73,6 +73,7 @@ bench: install
 	$(PIP) install -q --no-deps apple-upscale==0.1.1 torch-pruning==1.6.1
 	$(PIP) install -q numpy
 	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
+	$(PYTHON) benchmarks/llm_latency.py $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
 
 # Train a small CNN on scikit-learn's bundled digits, prune it without fine-tuning at 10-50% with every criterion in
 # constrained and unconstrained mode (about 1.5 minutes on two cores); writes out/digits.json and the accuracy table

@@ -13,11 +13,13 @@ the CPU tables of docs/performance.md between `<!-- bench:start -->` and `<!-- b
 3. `latency`: the dense model against the models pruned by prunespec and by upscale (reordered and not), with
    MACs from one hook-based counter (`common.count_macs`) and the realized speedup efficiency; on CPU, and on CUDA
    when available. Also the same request in constrained mode, the prunespec model with its batch norms folded,
-   then also laid out channels-last (`to_channels_last`; each against the dense model as it is and prepared the
-   same way), a `torch.export`ed program of the prunespec model, and max |pruned - mock|.
+   then also laid out channels-last (`to_channels_last`), and for `--compile-models` compiled by inductor with
+   freezing (`compiled`); each against the dense model as it is and prepared the same way, for the unconstrained
+   and the constrained models. Also a `torch.export`ed program of the prunespec model, and max |pruned - mock|.
 4. `mark`: resnet50's efficiency at 30% random, batch 1, over several round-robin blocks, to show its spread.
 5. `scaling`: planning time and peak memory over model depth/width, input resolution and batch size.
-6. `profile`: torch.profiler's top ops of one pruned resnet50 from prunespec and from upscale.
+6. `profile`: torch.profiler's top ops of one pruned resnet50 from prunespec and from upscale, and of its
+   channels-last and compiled exports beside the dense model prepared alike.
 
 Every number is a median over at least `--repeats` runs after warm-up (`common.time_it`); the models compared in
 one latency row are timed round-robin (`common.time_together`), so a slow spell hits them alike. Every comparison
@@ -53,6 +55,7 @@ import prunespec
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "densenet121", "efficientnet_b0", "convnext_tiny"]
 BATCH32_MODELS = ["resnet50", "mobilenet_v2"]  # batch 32 on every pattern; a forward takes seconds on two cores
+COMPILE_MODELS = ["resnet50"]  # also compiled with inductor: each compile takes about a minute on two cores
 SCALING_MODELS = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "densenet121", "densenet161", "densenet169", "densenet201",
@@ -64,6 +67,7 @@ MARK_MODEL = "resnet50"  # the `mark` section times its efficiency at 30% random
 QUICK = {
     "models": ["resnet18", "mobilenet_v2"],
     "batch32_models": [],
+    "compile_models": [],
     "batch32_main_models": [],
     "fractions": [0.3],
     "scaling_models": ["resnet18", "resnet34"],
@@ -189,7 +193,7 @@ class Bench:
             model = common.build_model(name)
             x1 = common.example_input()
             dense_macs = common.count_macs(model, x1)
-            runs = [(f, "random") for f in self.args.fractions] + [
+            runs = [(f, "random") for f in self.args.fractions if not self.args.skip_random] + [
                 (common.MAIN_FRACTION, p) for p in self.args.patterns
             ]
             for fraction, pattern in runs:
@@ -199,15 +203,18 @@ class Bench:
                 self.log("latency", name, f"{fraction:.0%}", pattern)
                 request = self.request(name, model, fraction, pattern)
                 spec = prunespec.plan(model, [x1], pruned_inputs=request)
-                variants = self.pruned_variants(model, x1, spec, request)
+                variants = self.pruned_variants(model, x1, spec, request, compile_=name in self.args.compile_models)
                 for d in devices:
                     for b in batches:
                         # The dense model is timed again beside each pattern's pruned models, round-robin.
                         contenders = {"dense": model} | {k: v["model"] for k, v in variants.items() if "model" in v}
-                        times = self.forward_times(contenders, d, b)
-                        row = {"model": name, "device": d, "batch": b, "fraction": fraction, "pattern": pattern,
+                        size = 224 if b == 1 else self.args.big_batch_size
+                        times = self.forward_times(contenders, d, b, size)
+                        row = {"model": name, "device": d, "batch": b, "size": size, "fraction": fraction,
+                               "pattern": pattern,
                                "requested": len(request), "dense": times["dense"], "dense_macs": dense_macs,
-                               "spec_macs": [spec.summary.macs_before, spec.summary.macs_after]}  # fmt: skip
+                               "spec_macs": [spec.summary.macs_before, spec.summary.macs_after],
+                               "compiled": name in self.args.compile_models}  # fmt: skip
                         row["variants"] = {
                             key: {k: v for k, v in info.items() if k != "model"}
                             | ({"latency": times[key]} if key in times else {})
@@ -220,26 +227,34 @@ class Bench:
                     info.pop("model", None)
         return rows, exports
 
-    def pruned_variants(self, model, x, spec, request) -> dict[str, dict]:
-        """The prunespec model and upscale's two exports for one request, with MACs and correctness."""
+    def pruned_variants(self, model, x, spec, request, compile_: bool = False) -> dict[str, dict]:
+        """The prunespec model and upscale's two exports for one request, with MACs and correctness; the prunespec
+        models prepared for inference beside dense models prepared the same way, compiled too when `compile_`."""
         variants: dict[str, dict] = {}
         spec_mock = prunespec.mock(model, spec)
+        if compile_:
+            torch._dynamo.reset()  # the previous pattern's compiled models are gone; so are their cache entries
 
         def build(key, make, mock=spec_mock):
             try:
                 pruned = make()
+                start = time.perf_counter()
                 with torch.no_grad():
-                    diff = (pruned(x) - mock(x)).abs().max().item()
-                variants[key] = {"model": pruned, "macs": common.count_macs(pruned, x), "max_abs_diff_vs_mock": diff}
+                    out = pruned(x)  # a compiled model compiles here, for batch 1
+                first_s = time.perf_counter() - start
+                diff = (out - mock(x)).abs().max().item()
+                eager = getattr(pruned, "_orig_mod", pruned)  # count MACs without hooks on a compiled module
+                variants[key] = {"model": pruned, "macs": common.count_macs(eager, x), "max_abs_diff_vs_mock": diff}
+                if eager is not pruned:
+                    variants[key]["first_call_s"] = first_s
             except Exception as e:  # noqa: BLE001
                 variants[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
 
-        for key, make in prepared(model, spec).items():
-            build(key, make, model if key.startswith("dense") else spec_mock)
         # The same request in constrained mode: more channels go, and nothing is gathered at run time.
         tight = prunespec.plan(model, [x], pruned_inputs=request, constrained=True)
         tight_mock = prunespec.mock(model, tight)
-        build("prunespec_constrained", lambda: prunespec.prune(copy.deepcopy(model), tight), tight_mock)
+        for key, make in prepared(model, spec, tight, compile_).items():
+            build(key, make, model if key.startswith("dense") else tight_mock if "constrained" in key else spec_mock)
         if self.has("upscale"):
             build("upscale", lambda: _upscale_pruned(model, x, request, reorder=True))
             build("upscale_noreorder", lambda: _upscale_pruned(model, x, request, reorder=False))
@@ -247,9 +262,11 @@ class Bench:
             variants["upscale"] = variants["upscale_noreorder"] = {"error": "not installed"}
         return variants
 
-    def forward_times(self, models: dict[str, torch.nn.Module], device: str, batch: int) -> dict[str, dict]:
+    def forward_times(
+        self, models: dict[str, torch.nn.Module], device: str, batch: int, size: int = 224
+    ) -> dict[str, dict]:
         """Forward latency of each model on one input, timed round-robin (`common.time_together`)."""
-        x = common.example_input(224, batch).to(device)
+        x = common.example_input(size, batch).to(device)
         if device != "cpu":
             models = {key: copy.deepcopy(m).to(device) for key, m in models.items()}
         sync = torch.cuda.synchronize if device == "cuda" else None
@@ -339,7 +356,8 @@ class Bench:
     # ------------------------------------------------------------------------------------------ 6. profile
 
     def profile(self) -> dict:
-        """torch.profiler's top ops (self CPU time) of pruned resnet50, batch 1, for prunespec and upscale."""
+        """torch.profiler's top ops (self CPU time) of pruned resnet50, batch 1, for prunespec and upscale, and of
+        the channels-last and compiled exports beside the dense model prepared alike."""
         self.log("profile", PROFILE_MODEL)
         model = common.build_model(PROFILE_MODEL)
         x = common.example_input()
@@ -348,13 +366,18 @@ class Bench:
         models = {"dense": lambda: model, "prunespec": lambda: prunespec.prune(copy.deepcopy(model), spec)}
         if self.has("upscale"):
             models["upscale"] = lambda: _upscale_pruned(model, x, request, True)
+        # The exports for inference beside their like-for-like dense peers: where the lost efficiency goes.
+        makers = prepared(model, spec, compile_=PROFILE_MODEL in self.args.compile_models)
+        models |= {key: makers[key] for key in ("dense_channels_last", "prunespec_channels_last", "dense_compiled",
+                                                 "prunespec_compiled") if key in makers}  # fmt: skip
         return {key: guarded(lambda make=make: {"ops": top_ops(make(), x)}) for key, make in models.items()}
 
 
-def prepared(model, spec) -> dict[str, Callable[[], torch.nn.Module]]:
-    """How prunespec's unconstrained model is made for each latency variant, and the dense peers prepared alike."""
+def prepared(model, spec, tight=None, compile_: bool = False) -> dict[str, Callable[[], torch.nn.Module]]:
+    """How prunespec's models are made for each latency variant (unconstrained from `spec`, constrained from
+    `tight`), and the dense peers prepared alike; compiled ones with `compile_`."""
     laid_out = prunespec.to_channels_last
-    return {
+    made = {
         "prunespec": lambda: prunespec.prune(copy.deepcopy(model), spec),
         # Batch norms folded into the layers before them, and the dense model folded the same way for a fair peer.
         "prunespec_folded": lambda: prunespec.prune(copy.deepcopy(model), spec, fold_norms=True),
@@ -364,6 +387,38 @@ def prepared(model, spec) -> dict[str, Callable[[], torch.nn.Module]]:
         "prunespec_channels_last": lambda: laid_out(prunespec.prune(copy.deepcopy(model), spec, fold_norms=True)),
         "dense_channels_last": lambda: laid_out(prunespec.fold_norms(copy.deepcopy(model), spec)),
     }
+    if tight is not None:  # the constrained model as it is, and prepared the same ways
+        made["prunespec_constrained"] = lambda: prunespec.prune(copy.deepcopy(model), tight)
+        made["prunespec_constrained_channels_last"] = lambda: laid_out(
+            prunespec.prune(copy.deepcopy(model), tight, fold_norms=True)
+        )
+    if compile_:
+        # Folded, then compiled; inductor picks the memory layout itself and fuses the remaining gathers.
+        made["prunespec_compiled"] = lambda: compiled(prunespec.prune(copy.deepcopy(model), spec, fold_norms=True))
+        made["dense_compiled"] = lambda: compiled(prunespec.fold_norms(copy.deepcopy(model), spec))
+        # The channels-last export compiled: its costly gathers are zero columns already, so inductor gets fewer
+        # gathers to materialise before its convolutions (which it runs as external oneDNN kernels).
+        made["prunespec_channels_last_compiled"] = lambda: compiled(
+            laid_out(prunespec.prune(copy.deepcopy(model), spec, fold_norms=True))
+        )
+        if tight is not None:
+            made["prunespec_constrained_compiled"] = lambda: compiled(
+                prunespec.prune(copy.deepcopy(model), tight, fold_norms=True)
+            )
+    return made
+
+
+def compiled(module: torch.nn.Module) -> torch.nn.Module:
+    """`torch.compile` with inductor and freezing (weights become constants: prepacked, conv-bn folded), for
+    inference under `torch.no_grad()`. It compiles on the first call, once per input shape: automatic dynamic
+    shapes are off, so that batch 1 and batch 32 each get a static graph, as a deployment compiling for one batch
+    size does."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    torch._dynamo.config.recompile_limit = 64  # several models of one class, each at two batch sizes
+    return torch.compile(module.eval(), backend="inductor")
 
 
 def _upscale_pruned(model, x, request, reorder: bool):
@@ -428,6 +483,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"models also timed at batch 32 on every pattern (default: {BATCH32_MODELS})",
     )
     parser.add_argument(
+        "--compile-models",
+        nargs="*",
+        help=f"models also compiled by torch.compile (inductor, freezing), dense, pruned (default: {COMPILE_MODELS})",
+    )
+    parser.add_argument(
         "--batch32-main-models",
         nargs="*",
         help=f"models also timed at batch 32 on the {common.MAIN_FRACTION:.0%}% random pattern (default: all --models)",
@@ -444,10 +504,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=32,
         help="the batch size of the second rows of --batch32-models and --batch32-main-models (default 32)",
     )
+    parser.add_argument(
+        "--big-batch-size", type=int, default=224, help="the input size of the --big-batch rows (default 224)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, at least (default 5)")
     parser.add_argument(
         "--mark-blocks", type=positive, default=5, help=f"round-robin blocks of the {MARK_MODEL} mark (default 5)"
     )
+    parser.add_argument("--skip-random", action="store_true", help="time the criterion patterns only")
     for section in ("planning", "apply", "latency", "mark", "scaling", "profile", "memory", "export", "upscale-sweep"):
         parser.add_argument(f"--skip-{section}", action="store_true")
     parser.add_argument(
@@ -460,6 +524,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="devices of the latency tables (default: cpu, and cuda if present)",
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument(
+        "--settle-s", type=float, default=180.0, help="wait at most this long for a quiet machine (default 180)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench.json")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the tables in docs/performance.md")
     args = parser.parse_args(argv)
@@ -467,6 +534,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.models = args.models or quick.get("models", MODELS)
     if args.batch32_models is None:
         args.batch32_models = quick.get("batch32_models", BATCH32_MODELS)
+    if args.compile_models is None:
+        args.compile_models = quick.get("compile_models", COMPILE_MODELS)
     if args.batch32_main_models is None:
         args.batch32_main_models = quick.get("batch32_main_models", args.models)
     args.fractions = args.fractions or quick.get("fractions", list(common.FRACTIONS))
@@ -495,7 +564,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    waited_s = settle()
+    waited_s = settle(args.settle_s)
     started = time.perf_counter()
     load_before = os.getloadavg()
     results: dict = {

@@ -175,7 +175,8 @@ def latency(rows: list[dict]) -> list[str]:
     for r in rows:
         groups.setdefault((r["device"], r["batch"]), []).append(r)
     for (device, batch), group in groups.items():
-        out += ["", f"{device.upper()}, batch {batch}:", ""]
+        size = group[0].get("size", 224)
+        out += ["", f"{device.upper()}, batch {batch}" + ("" if size == 224 else f", input {size}x{size}") + ":", ""]
         body = []
         for r in group:
             v = r["variants"]
@@ -195,7 +196,7 @@ def latency(rows: list[dict]) -> list[str]:
         out += table(head, body)
         out += ["", (f"The same requests in constrained mode ({device.upper()}, batch {batch}): every channel that "
                      "one consumer asks to drop goes, so no activation is gathered and the residual streams shrink "
-                     "too."), ""]  # fmt: skip
+                     "too. Eager and unfolded, like the dense model it is measured against."), ""]  # fmt: skip
         body = [
             [r["model"], pattern(r), ms(r["dense"]), ms(c.get("latency") or c),
              ratio(r["dense"], c.get("latency")), f"{r['dense_macs'] / 1e9:.2f}", _gmacs(c), _eff(r, c),
@@ -225,13 +226,41 @@ INFERENCE_TABLES = [
         "folded, then laid out channels-last with the gathers that cost more than zero columns in the consumer's "
         "weight filled (`apply --fold-norms --channels-last`)",
     ),
+    (
+        "prunespec_compiled",
+        "dense_compiled",
+        "compiled",
+        "folded, then compiled by `torch.compile` (inductor, `torch._inductor.config.freezing = True`, under "
+        "`torch.no_grad()`; a static graph per batch size), which fuses the remaining gathers into the kernels "
+        "around them and picks the memory layout itself",
+    ),
+    (
+        "prunespec_channels_last_compiled",
+        "dense_compiled",
+        "compiled",
+        "folded, laid out channels-last with the costly gathers filled as zero columns, then compiled as above",
+    ),
+    (
+        "prunespec_constrained_channels_last",
+        "dense_channels_last",
+        "channels-last",
+        "in constrained mode, folded and laid out channels-last (`apply --fold-norms --channels-last`)",
+    ),
+    (
+        "prunespec_constrained_compiled",
+        "dense_compiled",
+        "compiled",
+        "in constrained mode, folded and compiled by inductor with freezing",
+    ),
 ]
 
 
 def inference(device: str, batch: int, group: list[dict], key: str, dense_key: str, short: str, how: str) -> list[str]:
-    """The unconstrained models again as prepared for inference (`key`), against the dense model as it is and
-    prepared the same way (`dense_key`). Efficiency counts the MACs the spec keeps (`spec.summary.macs_after`),
-    however many the laid-out model runs: zero columns are work it does for speed, not work pruning left."""
+    """The pruned models again as prepared for inference (`key`), against the dense model as it is and prepared
+    the same way (`dense_key`). Efficiency counts the MACs the spec keeps (`spec.summary.macs_after`; a
+    constrained model runs no zero columns, so its counted MACs), however many the laid-out model runs: zero
+    columns are work it does for speed, not work pruning left."""
+    constrained = "constrained" in key
     body = []
     for r in group:
         v = r["variants"]
@@ -239,7 +268,7 @@ def inference(device: str, batch: int, group: list[dict], key: str, dense_key: s
         if f is None or dense_f is None:
             continue
         latency, dense_latency = f.get("latency"), dense_f.get("latency")
-        kept = {**f, "macs": r["spec_macs"][1]}
+        kept = f if constrained else {**f, "macs": r["spec_macs"][1]}
         body.append(
             [
                 r["model"],
@@ -247,10 +276,10 @@ def inference(device: str, batch: int, group: list[dict], key: str, dense_key: s
                 ms(r["dense"]),
                 ms(dense_latency or dense_f),
                 ms(latency or f),
-                ratio(latency, v["upscale"].get("latency")),
-                ratio(latency, v["upscale_noreorder"].get("latency")),
+                "–" if constrained else ratio(latency, v["upscale"].get("latency")),
+                "–" if constrained else ratio(latency, v["upscale_noreorder"].get("latency")),
                 ratio(r["dense"], latency),
-                _gmacs(f) + f" ({r['spec_macs'][1] / 1e9:.2f})",
+                _gmacs(f) + ("" if constrained else f" ({r['spec_macs'][1] / 1e9:.2f})"),
                 _eff(r, kept),
                 _eff(r, kept, dense_latency),
                 f"{f['max_abs_diff_vs_mock']:.1e}" if "max_abs_diff_vs_mock" in f else "–",
@@ -272,11 +301,15 @@ def inference(device: str, batch: int, group: list[dict], key: str, dense_key: s
         f"eff vs dense {short}",
         "max\\|Δ\\|",
     ]
+    compile_s = [cell["first_call_s"] for r in group for k in (key, dense_key)
+                 if "first_call_s" in (cell := r["variants"].get(k, {}))]  # fmt: skip
     note = (
-        f"The unconstrained models {how}, for inference: {device.upper()}, batch {batch}. `eff vs dense` measures "
+        f"The {'constrained' if constrained else 'unconstrained'} models {how.removeprefix('in constrained mode, ')}, "
+        f"for inference: {device.upper()}, batch {batch}. `eff vs dense` measures "
         f"against the dense model as it is, `eff vs dense {short}` against the dense model prepared the same way: "
         "the second is what pruning alone gives. Both count the MACs the spec keeps; `GMACs run` also counts "
         "zero columns."
+        + (f" The first call, which compiles, took {min(compile_s):.0f}-{max(compile_s):.0f} s." if compile_s else "")
     )
     return ["", note, "", *table(head, body)]
 
