@@ -220,11 +220,13 @@ def one_layer_diff(old: Path, new: Path) -> dict:
 
     result = diff_specs(prunespec.load_spec(old), prunespec.load_spec(new))
     changed = result.added + result.removed + result.changed
-    lines = list(difflib.unified_diff(old.read_text().splitlines(), new.read_text().splitlines(), n=0, lineterm=""))
-    hunks = [line for line in lines if line.startswith("@@")]
+    before, after = old.read_text().splitlines(), new.read_text().splitlines()
+    lines = list(difflib.unified_diff(before, after, n=0, lineterm=""))
     changed_lines = [line for line in lines if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    # The hunks `git diff` shows: with three lines of context, changes up to six lines apart make one hunk.
+    hunks = [line for line in difflib.unified_diff(before, after, n=3, lineterm="") if line.startswith("@@")]
     return {"changed_layers": changed, "hunks": len(hunks), "changed_lines": len(changed_lines),
-            "hunk_headers": hunks, "file_lines": len(old.read_text().splitlines())}  # fmt: skip
+            "hunk_headers": hunks, "file_lines": len(before)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- streaming
@@ -318,8 +320,8 @@ def render(results: dict) -> str:
         d = plan["diff"]
         lines += ["", f"Drawing layer {CHANGED_LAYER}'s MLP channels anew changes "
                       f"{', '.join(d['changed_layers'] or []) or 'no layer'} by `prunespec diff`, and "
-                      f"{d['changed_lines']} of the file's {d['file_lines']} lines in {d['hunks']} hunks of a line "
-                      "diff."]  # fmt: skip
+                      f"{d['changed_lines']} of the file's {d['file_lines']} lines, in {d['hunks']} hunks of a line "
+                      "diff (`difflib`)."]  # fmt: skip
     stream = results.get("streaming")
     if stream:
         lines += [
@@ -327,19 +329,25 @@ def render(results: dict) -> str:
             "**Streaming a checkpoint** (`prune_folder` against a plain copy of the same files; medians of "
             f"{meta['stream_repeats']} runs in turn, each in a fresh process):",
             "",
-            "| checkpoint | largest tensor | copy (MB/s) | prune (MB/s) | prune / copy | peak over baseline | "
-            "2x largest + 300 MB | written |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| checkpoint | largest tensor | copy (MB/s) | prune (MB/s) | prune / copy | prune CPU (s/GB) | "
+            "peak over baseline | 2x largest + 300 MB | written |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for s in stream:
             limit = (2 * s["largest_tensor_bytes"] + 300e6) / 2**20
             lines.append(
                 f"| {s['layers']} layers, {s['checkpoint_bytes'] / 1e9:.1f} GB | "
                 f"{s['largest_tensor_bytes'] / 2**20:.0f} MiB | {s['copy_mb_per_s']:.0f} | {s['prune_mb_per_s']:.0f} | "
-                f"{s['ratio']:.2f} ({min(s['ratios']):.2f}-{max(s['ratios']):.2f}) | "
+                f"{s['ratio']:.2f} ({min(s['ratios']):.2f}-{max(s['ratios']):.2f}) | {_cpu_per_gb(s)} | "
                 f"{s['prune_peak_increase_mib']:.0f} MiB | {limit:.0f} MiB | {s['written_bytes'] / 1e9:.2f} GB |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _cpu_per_gb(stream: dict) -> str:
+    """The median CPU seconds (user and system) of the prunings per GB of checkpoint, where the runs recorded them."""
+    cpu = [r["cpu_seconds"] for r in stream["runs"] if r["what"] == "prune" and "cpu_seconds" in r]
+    return f"{statistics.median(cpu) / (stream['checkpoint_bytes'] / 1e9):.2f}" if cpu else "-"
 
 
 def machine() -> dict:
