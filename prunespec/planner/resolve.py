@@ -196,9 +196,10 @@ def _notes(graph, pruned_inputs, pruned_outputs, dropped, columns, last) -> list
                     reason = f"is the last input channel {consumer.weight} would keep"
                 reason = reason or "still read by other layers"
                 kept.setdefault((consumer.weight, "input", reason), set()).add(col)
+    root = graph.slots.roots_table()
     for producer in graph.producers:
         for ch in sorted(pruned_outputs.get(producer.weight, ())):
-            if graph.slots.find(producer.slots[ch]) not in dropped:
+            if root[producer.slots[ch]] not in dropped:
                 reason = graph.slots.pinned(producer.slots[ch]) or "kept"
                 kept.setdefault((producer.weight, "output", reason), set()).add(ch)
     return [Note(tensor, side, sorted(chs), reason) for (tensor, side, reason), chs in kept.items()]
