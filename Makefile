@@ -65,7 +65,7 @@ zoo: install
 # docs/performance.md. `$(PYTHON) benchmarks/bench.py --quick` is a short subset; `--help` lists the `--models` and
 # `--skip-*` options, which `make bench BENCH_ARGS="--quick"` passes on. --no-deps: apple-upscale 0.1.1 pins
 # torch==2.0.1, which would replace the pinned torch; the peers need only torch, torchvision and numpy at run time.
-# Then planning Llama-shaped models up to 70B on meta and streaming multi-gigabyte checkpoints (about 20 minutes;
+# Then planning Llama-shaped models up to 70B on meta and streaming multi-gigabyte checkpoints (20-30 minutes;
 # writes out/llm_scale.json and the LLM tables of docs/performance.md; LLM_SCALE_ARGS="--skip-stream" and the like).
 .PHONY: bench
 bench: install

@@ -1,6 +1,6 @@
 """Planning and streaming at LLM scale: the figures of the "Large language models" section of docs/performance.md.
 
-    python benchmarks/llm_scale.py                   # everything: about 20 minutes on two cores
+    python benchmarks/llm_scale.py                   # everything: 20-30 minutes on two cores
     python benchmarks/llm_scale.py --skip-stream     # planning and spec sizes only: about 6 minutes
     python benchmarks/llm_scale.py --no-docs         # leave docs/performance.md alone
     python benchmarks/llm_scale.py --render out/llm_scale.json   # the tables of a stored run, into the docs again
