@@ -68,12 +68,15 @@ zoo: install
 # docs/performance.md. `$(PYTHON) benchmarks/bench.py --quick` is a short subset; `--help` lists the `--models` and
 # `--skip-*` options, which `make bench BENCH_ARGS="--quick"` passes on. --no-deps: apple-upscale 0.1.1 pins
 # torch==2.0.1, which would replace the pinned torch; the peers need only torch, torchvision and numpy at run time.
+# Then planning Llama-shaped models up to 70B on meta and streaming multi-gigabyte checkpoints (20-30 minutes;
+# writes out/llm_scale.json and the LLM tables of docs/performance.md; LLM_SCALE_ARGS="--skip-stream" and the like).
 .PHONY: bench
 bench: install
 	$(PIP) install -q --no-deps apple-upscale==0.1.1 torch-pruning==1.6.1
 	$(PIP) install -q numpy
 	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/llm_latency.py $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
+	$(PYTHON) benchmarks/llm_scale.py $(LLM_SCALE_ARGS)
 
 # Train a small CNN on scikit-learn's bundled digits, prune it without fine-tuning at 10-50% with every criterion in
 # constrained and unconstrained mode (about 1.5 minutes on two cores); writes out/digits.json and the accuracy table

@@ -10,11 +10,13 @@ each in a fresh process (`measure`), `--repeats` times in turn: a plain copy of 
 (`shutil.copyfile`) and the pruning (`prune_folder`), so that both see the files in the page cache alike and a slow
 spell of the disk (shared with other machines, on a virtual machine) hits both.
 
-Each measurement reports the seconds the work took, the seconds `os.sync()` took after it (writing the dirty pages
-to the disk: the work itself writes into the page cache), and the peak resident memory over the process as it
-stood before the work: Linux's high-water mark (VmHWM), reset first by writing 5 to /proc/self/clear_refs (see
-`peak_memory.py`). `ru_maxrss` is printed too. The page cache is not resident memory of the process, so the peak
-is what the process itself holds: for `prune_folder`, the buffer one tensor is read into and its pruned copy.
+Each measurement reports the seconds the work took (and the CPU seconds, user and system, of the process: on a busy
+machine the work waits for a core, and the more so the more CPU it needs), the seconds `os.sync()` took after it
+(writing the dirty pages to the disk: the work itself writes into the page cache), and the peak resident memory
+over the process as it stood before the work: Linux's high-water mark (VmHWM), reset first by writing 5 to
+/proc/self/clear_refs (see `peak_memory.py`). `ru_maxrss` is printed too. The page cache is not resident memory of
+the process, so the peak is what the process itself holds: for `prune_folder`, the mapped pages of the tensor it
+prunes and its pruned copy.
 """
 
 from __future__ import annotations
@@ -109,19 +111,19 @@ def measure(what: str, source: Path, target: Path, spec_path: Path) -> dict:
     spec = prunespec.load_spec(spec_path)
     reset = reset_peak()
     baseline = high_water_mib()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if what == "prune":
         prunespec.prune_folder(spec, source, target)
     else:
         target.mkdir()
         for path in source.iterdir():
             shutil.copyfile(path, target / path.name)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     peak = high_water_mib()
     start = time.perf_counter()
     os.sync()
-    return {"what": what, "seconds": seconds, "sync_seconds": time.perf_counter() - start, "peak_mib": peak,
-            "peak_increase_mib": peak - baseline, "baseline_mib": baseline, "peak_reset": reset,
+    return {"what": what, "seconds": seconds, "cpu_seconds": cpu_seconds, "sync_seconds": time.perf_counter() - start,
+            "peak_mib": peak, "peak_increase_mib": peak - baseline, "baseline_mib": baseline, "peak_reset": reset,
             "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "written_bytes": sum(p.stat().st_size for p in target.rglob("*") if p.is_file())}  # fmt: skip
 

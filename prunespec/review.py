@@ -117,6 +117,14 @@ def pruned_shapes(spec: PruningSpec) -> dict[str, tuple[int, ...]]:
     """
     from prunespec.applier.blocks import renamed_key
 
+    counts: dict[tuple[str, int], int] = {}  # tensors that share their indices share the runs: count them once
+
+    def kept(runs: str | None, size: int) -> int:
+        found = counts.get((runs, size))
+        if found is None:
+            found = counts[runs, size] = _kept_count(runs, size)
+        return found
+
     shapes = {}
     for key in spec.fingerprint:
         now = renamed_key(spec, key)
@@ -126,7 +134,7 @@ def pruned_shapes(spec: PruningSpec) -> dict[str, tuple[int, ...]]:
         layer = spec.layers.get(module)
         axes = layer.tensors.get(local, []) if layer is not None else []
         shape = _shape(spec, key) or []
-        shapes[now] = tuple(_kept_count(axes[a] if a < len(axes) else None, n) for a, n in enumerate(shape))
+        shapes[now] = tuple(kept(axes[a] if a < len(axes) else None, n) for a, n in enumerate(shape))
     return shapes
 
 

@@ -176,7 +176,7 @@ def test_zoo_writes_its_table_into_the_coverage_page(tmp_path: Path) -> None:
     assert outside(after, "zoo") == outside(before, "zoo") and len(outside(before, "zoo")[0]) > 500  # the prose stays
 
 
-@pytest.mark.parametrize("marker", ["bench", "bench-cuda", "bench-compile", "llm-latency"])
+@pytest.mark.parametrize("marker", ["bench", "bench-cuda", "bench-compile", "llm-latency", "llm-scale"])
 def test_the_benchmark_report_writes_its_tables_into_the_performance_page(tmp_path: Path, marker: str) -> None:
     from benchmarks import report
 

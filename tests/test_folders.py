@@ -399,3 +399,31 @@ def test_load_pruned_refuses_a_folder_it_cannot_rebuild_in_one_line(llama_folder
     _edit_json("config.json", lambda c: c.update(num_hidden_layers=2))(tmp_path / "out")
     with pytest.raises(prunespec.SpecError, match=r"config.json: num_hidden_layers is 2 but prunespec.json gives 1$"):
         prunespec.load_pruned(tmp_path / "out")
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["kernel-copies-numpy-gathers", "plain-reads-torch-gathers"])
+def test_a_checkpoint_is_the_same_however_its_tensors_are_copied(fast, llama_folder, tmp_path, monkeypatch):
+    """Tensors left whole or cut to their first rows are copied file to file by the kernel, gathers go through numpy
+    where it is installed; without either (`fast` off) the bytes written are the same: the pruned state dict."""
+    from safetensors.torch import load_file, save_file
+
+    model, inputs, _, _ = llama_folder
+    up = model.model.layers[-1].mlp.up_proj.weight
+    spec = prunespec.plan(  # the last MLP channels of the last block (row cuts), and a few of the first (gathers)
+        model, inputs, pruned_outputs=[("model.layers.1.mlp.up_proj.weight", c) for c in range(len(up) // 2, len(up))]
+        + [("model.layers.0.mlp.up_proj.weight", c) for c in (1, 4, 5)]
+    )  # fmt: skip
+    copies = []
+    if fast:
+        kernel_copy = os.copy_file_range
+        monkeypatch.setattr(os, "copy_file_range", lambda *args: copies.append(args) or kernel_copy(*args))
+    else:
+        monkeypatch.setattr(checkpoint, "_numpy", None)
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    save_file(model.state_dict(), tmp_path / "dense.safetensors")
+    checkpoint.prune_checkpoint(spec, tmp_path / "dense.safetensors", tmp_path / "pruned.safetensors")
+    written = load_file(tmp_path / "pruned.safetensors")
+    expected = prunespec.prune(copy.deepcopy(model), spec).state_dict()
+    assert sorted(written) == sorted(expected)
+    assert all(torch.equal(written[key], value) for key, value in expected.items())
+    assert not fast or len(copies) >= len(expected) - 4  # all but the gathered MLP of block 0 and block 1's down_proj

@@ -130,7 +130,7 @@ def prune_folder(
     copied = [str(p) for p in others if str(p) not in left_out]
     total = sum(tensor.nbytes for tensor in planned)
     try:
-        with _folder_aside(target) as tmp, TensorReader(folder.tensors.values()) as reader:
+        with _folder_aside(target) as tmp, TensorReader() as reader:
             for name, shard in zip(files, shards):
                 write_safetensors(tmp / name, shard, reader, folder.metadata)
             if len(shards) > 1:
@@ -432,7 +432,7 @@ def load_pruned(folder: str | os.PathLike, dtype: torch.dtype | str | None = Non
     if problems:
         raise SpecError(f"{folder}: the shards do not fit {SPEC}: {problems[0].removeprefix('fingerprint: ')}")
     state = {}
-    with TensorReader(()) as reader:
+    with TensorReader() as reader:
         for name, tensor in stored.tensors.items():
             value = reader.read_new(tensor)
             state[names[name]] = value.to(dtype) if dtype is not None and value.is_floating_point() else value

@@ -214,6 +214,25 @@ def norm_check(renorm: Renorm) -> Suspect:
 
 def _requests(pairs: Channels, sizes: dict[str, int], side: str) -> dict[str, set[int]]:
     """Group (name, channel) pairs by name, checking names and ranges."""
+    # An LLM's request has hundreds of thousands of pairs: group them first, check each name's channels at once,
+    # and only when a check fails go through the pairs one by one for the message about the first bad one.
+    pairs = list(pairs)  # read twice when a check fails
+    listed: dict[str, list[int]] = {}
+    try:
+        for name, channel in pairs:
+            listed.setdefault(name, []).append(channel)
+        if all(
+            name in sizes and all(type(c) is int for c in chosen) and 0 <= min(chosen) and max(chosen) < sizes[name]
+            for name, chosen in listed.items()
+        ):
+            return {name: set(chosen) for name, chosen in listed.items()}
+    except (TypeError, ValueError):  # not a pair, an unhashable name: the message comes from the pair-by-pair check
+        pass
+    return _checked_requests(pairs, sizes, side)
+
+
+def _checked_requests(pairs: Channels, sizes: dict[str, int], side: str) -> dict[str, set[int]]:
+    """`_requests` pair by pair, raising `PlanError` at the first bad pair."""
     role = "consumer" if side == "input" else "producer"
     grouped: dict[str, set[int]] = {}
     for pair in pairs:

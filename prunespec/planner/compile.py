@@ -73,6 +73,9 @@ def compile_spec(
             kept[consumer.weight][consumer.axis] = sorted(c for c in resolution.columns[ci] if c < consumer.per_group)
             continue
         keep = resolution.columns[ci]
+        if len(keep) == len(present):  # `keep` is a subset of `present`: the weight reads all of its input
+            kept[consumer.weight][consumer.axis] = present
+            continue
         reads = [i for i, p in enumerate(present) if p in keep]  # what the weight reads of the pruned input
         kept[consumer.weight][consumer.axis] = [present[i] for i in reads]
         if len(reads) != len(present):

@@ -14,9 +14,9 @@ each consumer's channels form one run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from prunespec.planner.graph import ChannelGraph
+from prunespec.planner.graph import ChannelGraph, roots_of
 from prunespec.planner.resolve import Resolution
 
 
@@ -51,8 +51,19 @@ class Layout:
         known = self._known.get(id(slots))
         if known is not None and known[0] is slots:
             return known[1]
-        root = self.root
-        roots = [root[s] for s in slots]
+        roots = roots_of(slots, self.root)
+        if self.segments and not self.segments.keys().isdisjoint(roots):
+            out = self._positions(roots)
+        elif self.dropped.isdisjoint(roots):
+            out = list(range(len(roots)))  # nothing dropped here, nothing reordered: most tensors of an LLM
+        else:
+            dropped = self.dropped
+            out = [i for i, r in enumerate(roots) if r not in dropped]
+        self._known[id(slots)] = (slots, out)
+        return out
+
+    def _positions(self, roots: Sequence[int]) -> list[int]:
+        """`positions` of a tensor whose roots hold the first root of a free segment."""
         out: list[int] = []
         i = 0
         while i < len(roots):
@@ -64,7 +75,6 @@ class Layout:
                 if roots[i] not in self.dropped:
                     out.append(i)
                 i += 1
-        self._known[id(slots)] = (slots, out)
         return out
 
     def _find_free_segments(self, graph: ChannelGraph, labelled: Iterable[list[int]]) -> None:

@@ -19,9 +19,10 @@ the same number of copies, because the pruned model still repeats each remaining
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from prunespec.planner.graph import ChannelGraph
+from prunespec.planner.graph import ChannelGraph, roots_of
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Note:
 @dataclass
 class Resolution:
     dropped: set[int]  # slot roots that are removed
-    columns: list[set[int]]  # per consumer (graph order): the weight input columns it keeps
+    columns: list[Collection[int]]  # per consumer (graph order): the weight input columns it keeps (a set or range)
     notes: list[Note] = field(default_factory=list)
     gathers: bool = True  # whether any consumer reads fewer channels than its input holds
 
@@ -80,22 +81,21 @@ def resolve(
     slots = graph.slots
     root = slots.roots_table()
     # Per consumer: the root each weight column reads, and the columns it asks to drop.
-    reads = [[root[s] for s in consumer.slots] for consumer in graph.consumers]
+    reads = [roots_of(consumer.slots, root) for consumer in graph.consumers]
     asks = [set() if c.fixed else pruned_inputs.get(c.weight, set()) for c in graph.consumers]
 
     # A root goes when every (consumer, column) reading it asks (unconstrained), or any does (constrained).
-    readers: Counter[int] = Counter()
     askers: Counter[int] = Counter()
     for roots, asked in zip(reads, asks):
-        readers.update(roots)
         askers.update(roots[col] for col in asked)
+    readers: Counter[int] = Counter()
+    if askers and not constrained:  # counting every column read is costly at scale: only when it decides
+        for roots in reads:
+            readers.update(roots)
     forced = {root[p.slots[ch]] for p in graph.producers for ch in pruned_outputs.get(p.weight, ())}
     forced |= {root[s] for chosen in (units or {}).values() for s in chosen.values()}
-    dropped = {
-        r
-        for r in askers.keys() | forced
-        if r not in slots.reason and (r in forced or constrained or askers[r] == readers[r])
-    }
+    dropped = forced.difference(slots.reason)
+    dropped |= {r for r in askers if r not in slots.reason and (constrained or askers[r] == readers[r])}
 
     for _ in range(len(graph.producers) + len(graph.repeats) + 1):  # each round pins a slot or changes nothing
         if not (_balance(graph, root, dropped, constrained) | _keep_one_channel(graph, root, dropped)):
@@ -104,9 +104,16 @@ def resolve(
     columns, last = [], {}
     gathers = False
     for consumer, roots, asked in zip(graph.consumers, reads, asks):
-        present = [col for col, r in enumerate(roots) if r not in dropped]
+        # A range stands for a whole input: an LLM's hundreds of layers would otherwise hold a set of every column.
+        if dropped.isdisjoint(roots):
+            present: Sequence[int] = range(len(roots))
+        else:
+            present = [col for col, r in enumerate(roots) if r not in dropped]
         gather = not (constrained or consumer.no_gather)
-        keep = {col for col in present if col not in asked} if gather and asked else set(present)
+        if gather and asked:
+            keep: Collection[int] = {col for col in present if col not in asked}
+        else:
+            keep = present if isinstance(present, range) else set(present)
         if present and not keep:
             keep = {present[0]}
             last[len(columns)] = present[0]
@@ -127,8 +134,8 @@ def _keep_one_channel(graph: ChannelGraph, root: list[int], dropped: set[int]) -
     """A layer with no channels left would not run: keep its first one. True when anything changed."""
     changed = False
     for producer in graph.producers:
-        roots = [root[s] for s in producer.slots]
-        if roots and all(r in dropped for r in roots):
+        roots = roots_of(producer.slots, root)
+        if roots and dropped.issuperset(roots):
             dropped.discard(roots[0])
             graph.slots.pin([roots[0]], f"is the last channel {producer.weight} would keep")
             changed = True
@@ -189,9 +196,10 @@ def _notes(graph, pruned_inputs, pruned_outputs, dropped, columns, last) -> list
                     reason = f"is the last input channel {consumer.weight} would keep"
                 reason = reason or "still read by other layers"
                 kept.setdefault((consumer.weight, "input", reason), set()).add(col)
+    root = graph.slots.roots_table()
     for producer in graph.producers:
         for ch in sorted(pruned_outputs.get(producer.weight, ())):
-            if graph.slots.find(producer.slots[ch]) not in dropped:
+            if root[producer.slots[ch]] not in dropped:
                 reason = graph.slots.pinned(producer.slots[ch]) or "kept"
                 kept.setdefault((producer.weight, "output", reason), set()).add(ch)
     return [Note(tensor, side, sorted(chs), reason) for (tensor, side, reason), chs in kept.items()]

@@ -630,14 +630,14 @@ def _tie_shared_axes(graph: ChannelGraph) -> None:
 
 def _link_key_value_heads(graph: ChannelGraph) -> None:
     """Each attention's key/value heads: the sources of the repeats whose copies are its query heads."""
-    root = graph.slots.roots_table()
+    find = graph.slots.find  # a few slots per attention: cheaper than the whole `roots_table`
     source_of: dict[int, tuple[int, int]] = {}  # root of a copy -> (repeat number, source index)
     for n, repeat in enumerate(graph.repeats):
         for i, copies in enumerate(repeat.copies):
             for c in copies:
-                source_of.setdefault(root[c], (n, i))
+                source_of.setdefault(find(c), (n, i))
     for heads in graph.heads:
-        found = [source_of.get(root[q]) for q in heads.query]
+        found = [source_of.get(find(q)) for q in heads.query]
         if found and all(f is not None and f[0] == found[0][0] for f in found):
             repeat = graph.repeats[found[0][0]]
             heads.key_value = [repeat.sources[i] for i in dict.fromkeys(f[1] for f in found)]

@@ -46,10 +46,12 @@ def units(smap: SplitMap, dim: int) -> list[list[int]]:
     """
     n = smap.sizes[dim]
     stride = math.prod(smap.sizes[dim + 1 :])
-    members: list[list[int]] = [[] for _ in range(n)]
-    for flat, s in enumerate(smap.slots):
-        members[(flat // stride) % n].append(s)
-    return members
+    slots = smap.slots
+    if stride == 1:  # every n-th slot
+        return [slots[k::n] for k in range(n)]
+    # Entry k holds `stride` consecutive slots in each block of n * stride (slices: these lists are long).
+    blocks = range(0, len(slots), n * stride)
+    return [[s for start in blocks for s in slots[start + k * stride : start + (k + 1) * stride]] for k in range(n)]
 
 
 def decide(tr: Tracer, smap: SplitMap, dim: int) -> ChannelMap:
