@@ -29,6 +29,7 @@ from prunespec.schemas import (
     InputInfo,
     KeptChannels,
     LayerSpec,
+    Neighbours,
     NormFold,
     PruningSpec,
     Request,
@@ -99,7 +100,123 @@ def compile_spec(
         dropped_blocks=[DroppedBlock(name, _how_dropped(model, name)) for name in blocks],
         config=_config_changes(model, blocks),
         tied=dict(graph.aliases_of(model)),
+        neighbours=_neighbours(graph, layout, tensors, kept, heads),
     )
+
+
+def _neighbours(graph: ChannelGraph, layout: Layout, tensors, kept, heads) -> list[Neighbours]:
+    """The groups of channels that layers share, for every activation whose channels change (see `Neighbours`).
+
+    Tensor axes and consumer inputs share a group when they run along the same slots, in the same order. A group
+    is written when its kept channels are not all of them in order, when a reader of it keeps other ones (a
+    subselection), when it holds the heads of an attention that loses some, or when its units are repeated in a
+    group that is written (or repeat one that is).
+    """
+    root = graph.slots.roots_table()
+    groups: dict[tuple[int, ...], dict] = {}
+
+    def group(slots: list[int]) -> dict:
+        key = tuple(root[s] for s in slots)
+        found = groups.get(key)
+        if found is None:
+            found = groups[key] = {"slots": slots, "tensors": [], "readers": [], "norms": [], "heads": None,
+                                   "repeated_in": None, "changed": False}  # fmt: skip
+        return found
+
+    further = defaultdict(list)  # first name of a shared tensor -> its further names
+    for alias, first in graph.aliases.items():
+        if alias != first:
+            further[first].append(alias)
+    for binding in graph.bindings:
+        members = group(binding.slots)["tensors"]
+        for name in (binding.tensor, *further[binding.tensor]):
+            if f"{name}:{binding.axis}" not in members:
+                members.append(f"{name}:{binding.axis}")
+    for consumer in graph.consumers:
+        if consumer.per_group:  # a grouped weight reads one group of its input: not the activation's channels
+            continue
+        found = group(consumer.slots)
+        found["readers"].append(f"{consumer.weight}:{consumer.axis}")
+        if kept.get(consumer.weight, {}).get(consumer.axis, layout.positions(consumer.slots)) != layout.positions(
+            consumer.slots
+        ):
+            found["changed"] = True
+    for renorm in graph.renorms:
+        group(renorm.slots)["norms"].append(renorm.module)
+
+    def unit_roots(key: tuple[int, ...]) -> tuple[list[int], int]:
+        """The slot of each unit of a group, and the unit's size: slots come in runs of one size (heads) or not."""
+        runs = [1]
+        for a, b in zip(key, key[1:]):
+            if a == b:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        size = runs[0] if len(set(runs)) == 1 else 1
+        return list(key[::size]), size
+
+    by_unit_root: dict[int, list[tuple]] = defaultdict(list)
+    for key in groups:
+        units, size = unit_roots(key)
+        groups[key]["unit"] = size
+        groups[key]["units"] = units
+        if size > 1:
+            for r in units:
+                by_unit_root[r].append(key)
+
+    for record in graph.heads:
+        if record.module not in heads:
+            continue
+        for side, slots in (("query", record.query), ("key_value", record.key_value)):
+            for key in by_unit_root.get(root[slots[0]], []):
+                if groups[key]["unit"] == record.head_dim and groups[key]["units"] == [root[s] for s in slots]:
+                    groups[key]["heads"] = f"{record.module}:{side}"
+                    groups[key]["changed"] = True
+    for repeat in graph.repeats:
+        sources = [root[s] for s in repeat.sources]
+        copies = [root[s] for copied in repeat.copies for s in copied]
+        if len({len(c) for c in repeat.copies}) != 1:
+            continue
+        for source_key in by_unit_root.get(sources[0], []):
+            for copy_key in by_unit_root.get(copies[0], []):
+                source, copied = groups[source_key], groups[copy_key]
+                if source["units"] == sources and copied["units"] == copies and source["unit"] == copied["unit"]:
+                    source["repeated_in"] = copy_key
+
+    def first_entry(found: dict) -> str:
+        return (found["tensors"] or found["readers"])[0]
+
+    written = {}
+    for key, found in groups.items():
+        positions = layout.positions(found["slots"])
+        if not (found["tensors"] or found["readers"]):
+            continue
+        if found["changed"] or positions != list(range(len(key))):
+            written[key] = found
+    for key, found in groups.items():  # a repeat relates two groups: both are written, or neither
+        target = found["repeated_in"]
+        if target is not None and (key in written or target in written):
+            written[key] = found
+            written[target] = groups[target]
+    out = []
+    for key, found in groups.items():
+        if key not in written:
+            continue
+        positions = layout.positions(found["slots"])
+        target = found["repeated_in"]
+        out.append(
+            Neighbours(
+                channels=(len(key), len(positions)),
+                kept=encode_runs(positions),
+                tensors=found["tensors"],
+                readers=found["readers"],
+                norms=found["norms"],
+                unit=found["unit"],
+                heads=found["heads"],
+                repeated_in=None if target is None else first_entry(groups[target]),
+            )
+        )
+    return out
 
 
 def _config_changes(model: torch.nn.Module, blocks: Sequence[str]) -> dict[str, tuple]:
