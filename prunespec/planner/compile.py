@@ -132,8 +132,13 @@ def _neighbours(graph: ChannelGraph, layout: Layout, tensors, kept, heads) -> li
         for name in (binding.tensor, *further[binding.tensor]):
             if f"{name}:{binding.axis}" not in members:
                 members.append(f"{name}:{binding.axis}")
+    per_group = []  # the input axis of a grouped weight holds the columns of one group, not the activation's
     for consumer in graph.consumers:
-        if consumer.per_group:  # a grouped weight reads one group of its input: not the activation's channels
+        if consumer.per_group:
+            indices = kept.get(consumer.weight, {}).get(consumer.axis)
+            if indices is not None and indices != list(range(consumer.per_group)):
+                per_group.append(Neighbours((consumer.per_group, len(indices)), encode_runs(indices),
+                                            tensors=[f"{consumer.weight}:{consumer.axis}"]))  # fmt: skip
             continue
         found = group(consumer.slots)
         found["readers"].append(f"{consumer.weight}:{consumer.axis}")
@@ -216,7 +221,7 @@ def _neighbours(graph: ChannelGraph, layout: Layout, tensors, kept, heads) -> li
                 repeated_in=None if target is None else first_entry(groups[target]),
             )
         )
-    return out
+    return out + per_group
 
 
 def _config_changes(model: torch.nn.Module, blocks: Sequence[str]) -> dict[str, tuple]:
