@@ -180,6 +180,14 @@ def _check_group(
                 )
             covered.add(f"{norm}:normalises")
 
+    dropped = {block.module for block in spec.dropped_blocks}
+    for block in group.blocks:
+        if block not in dropped and not whole:
+            raise SpecError(
+                f"block {block!r}: it would read and write {before} channels of which its neighbours keep {after} "
+                f"(e.g. {_which(anchor)}), but dropped_blocks does not drop it; the plan was made without it, so "
+                "keeping it needs a new plan"
+            )
     if group.heads is not None:
         _check_heads(where, group, spec, whole, anchor, covered)
     if group.repeated_in is not None:

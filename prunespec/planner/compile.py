@@ -100,11 +100,13 @@ def compile_spec(
         dropped_blocks=[DroppedBlock(name, _how_dropped(model, name)) for name in blocks],
         config=_config_changes(model, blocks),
         tied=dict(graph.aliases_of(model)),
-        neighbours=_neighbours(graph, layout, tensors, kept, heads),
+        neighbours=_neighbours(graph, layout, tensors, kept, heads, blocks, full),
     )
 
 
-def _neighbours(graph: ChannelGraph, layout: Layout, tensors, kept, heads) -> list[Neighbours]:
+def _neighbours(
+    graph: ChannelGraph, layout: Layout, tensors, kept, heads, blocks: Sequence[str] = (), full: ChannelGraph | None = None
+) -> list[Neighbours]:
     """The groups of channels that layers share, for every activation whose channels change (see `Neighbours`).
 
     Tensor axes and consumer inputs share a group when they run along the same slots, in the same order. A group
@@ -120,7 +122,7 @@ def _neighbours(graph: ChannelGraph, layout: Layout, tensors, kept, heads) -> li
         found = groups.get(key)
         if found is None:
             found = groups[key] = {"slots": slots, "tensors": [], "readers": [], "norms": [], "heads": None,
-                                   "repeated_in": None, "changed": False}  # fmt: skip
+                                   "repeated_in": None, "changed": False, "blocks": []}  # fmt: skip
         return found
 
     further = defaultdict(list)  # first name of a shared tensor -> its further names
@@ -148,6 +150,11 @@ def _neighbours(graph: ChannelGraph, layout: Layout, tensors, kept, heads) -> li
             found["changed"] = True
     for renorm in graph.renorms:
         group(renorm.slots)["norms"].append(renorm.module)
+
+    for block, entry in _block_streams(blocks, full):
+        found = next((g for g in groups.values() if entry in g["tensors"] or entry in g["readers"]), None)
+        if found is not None and block not in found["blocks"]:
+            found["blocks"].append(block)
 
     def unit_roots(key: tuple[int, ...]) -> tuple[list[int], int]:
         """The slot of each unit of a group, and the unit's size: slots come in runs of one size (heads) or not."""
@@ -218,10 +225,34 @@ def _neighbours(graph: ChannelGraph, layout: Layout, tensors, kept, heads) -> li
                 norms=found["norms"],
                 unit=found["unit"],
                 heads=found["heads"],
+                blocks=found["blocks"],
                 repeated_in=None if target is None else first_entry(groups[target]),
             )
         )
     return out + per_group
+
+
+def _block_streams(blocks: Sequence[str], full: ChannelGraph | None) -> list[tuple[str, str]]:
+    """(dropped block, an entry outside it) for each tensor axis or reader outside a dropped block that runs along the
+    channels some tensor axis or reader inside it does, in `full`, the trace of the model with the blocks: the
+    channels a dropped block would read and write if it ran."""
+    if not blocks or full is None:
+        return []
+    root = full.slots.roots_table()
+    inside = tuple(f"{b}." for b in blocks)
+    entries = [(b.tensor, b.axis, b.slots) for b in full.bindings]
+    entries += [(c.weight, c.axis, c.slots) for c in full.consumers if not c.per_group]
+    outside: dict[tuple[int, ...], str] = {}
+    for name, axis, slots in entries:
+        if not name.startswith(inside):
+            outside.setdefault(tuple(root[s] for s in slots), f"{name}:{axis}")
+    found = []
+    for block in blocks:
+        for name, axis, slots in entries:
+            entry = outside.get(tuple(root[s] for s in slots)) if name.startswith(f"{block}.") else None
+            if entry is not None and (block, entry) not in found:
+                found.append((block, entry))
+    return found
 
 
 def _config_changes(model: torch.nn.Module, blocks: Sequence[str]) -> dict[str, tuple]:

@@ -196,7 +196,8 @@ class Neighbours(_Struct, omit_defaults=True):
     - `unit`: channels that go together (an attention head's ``head_dim``): `kept` holds whole units;
     - `heads`: ``"module:query"`` or ``"module:key_value"``: the units are that attention's heads;
     - `repeated_in`: the first entry of the group whose units repeat these (grouped-query attention repeats each
-      key/value head for its group of query heads).
+      key/value head for its group of query heads);
+    - `blocks`: dropped blocks (`PruningSpec.dropped_blocks`) that would read or write these channels if they ran.
 
     The applier checks every entry against the layer it names before anything changes, so a spec from which a
     layer, a field or an index was deleted or changed by hand is refused, not built into a model that fails or
@@ -211,6 +212,7 @@ class Neighbours(_Struct, omit_defaults=True):
     unit: Annotated[int, msgspec.Meta(ge=1)] = 1
     heads: str | None = None
     repeated_in: str | None = None
+    blocks: list[str] = msgspec.field(default_factory=list)
 
 
 class NormFold(_Struct):
