@@ -54,13 +54,13 @@ class Subject:
 
 @cache
 def cnn() -> Subject:
-    """resnet18, float64, a 32x32 input; some inputs and outputs pruned, reordered, with subselections."""
+    """resnet18, float64, a 16x16 input; some inputs and outputs pruned, reordered, with subselections."""
     import torchvision
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).double().eval()
-    zoo.randomize(model, 32)
-    x = torch.randn(1, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    zoo.randomize(model, 16)
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     rng = random.Random(0)
     inputs = [("layer1.0.conv2.weight", c) for c in range(0, 8)] + [("layer2.0.conv1.weight", c) for c in (3, 9, 17)]
     inputs += [("layer3.1.conv1.weight", c) for c in rng.sample(range(256), 20)]
