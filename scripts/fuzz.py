@@ -268,7 +268,15 @@ def change_neighbours(data, rng):
     elif how == "unit":
         group["unit"] = max(1, group.get("unit", 1) + rng.choice([-1, 1, 7]))
     elif how == "heads":
-        group.pop("heads", None) if "heads" in group else group.__setitem__("heads", "model.layers.0.self_attn:query")
+        if group.get("heads"):
+            at = rng.choice(group["heads"])
+            key = rng.choice(["first", "count", "delete"])
+            if key == "delete":
+                group["heads"].remove(at)
+            else:
+                at[key] = max(0, at[key] + rng.choice([-1, 1]))
+        else:
+            group["heads"] = [{"module": "model.layers.0.self_attn", "side": "query", "first": 0, "count": 8}]
     else:
         group.pop("repeated_in", None) if "repeated_in" in group else group.__setitem__(
             "repeated_in", rng.choice(groups).get("tensors", ["x:0"])[0]

@@ -233,6 +233,7 @@ def _many_layers(seed: int, blocks: int = 120, width: int = 256) -> PruningSpec:
     macs = [sum(r.macs[side] for r in rows if r.macs) for side in (0, 1)]
     gathers = sum(layer.input is not None for layer in layers.values())
     spec.summary = Summary(elements[0], elements[1], macs[0], macs[1], gathers)
+    spec.neighbours = []  # a stored spec of this schema must have them; this one is only shown, never applied
     return spec
 
 

@@ -188,8 +188,8 @@ def _check_group(
                 f"(e.g. {_which(anchor)}), but dropped_blocks does not drop it; the plan was made without it, so "
                 "keeping it needs a new plan"
             )
-    if group.heads is not None:
-        _check_heads(where, group, spec, whole, anchor, covered)
+    if group.heads:
+        _check_heads(where, group, spec, reference, anchor, covered)
     if group.repeated_in is not None:
         _check_repeat(where, group, reference, spec, entries)
 
@@ -212,27 +212,29 @@ def _check_units(where: str, group: Neighbours, reference: torch.Tensor) -> None
         raise SpecError(f"{where}: kept does not keep whole units of {unit} channels (attention heads go whole)")
 
 
-def _check_heads(where: str, group: Neighbours, spec: PruningSpec, whole: bool, anchor: str, covered: set) -> None:
-    module, _, side = group.heads.rpartition(":")
-    if side not in ("query", "key_value") or not module:
-        raise SpecError(f"{where}: heads: {group.heads[:60]!r} is not 'module:query' or 'module:key_value'")
-    layer = spec.layers.get(module)
-    heads = layer.heads if layer is not None else None
-    before, after = (n // group.unit for n in group.channels)
-    if heads is None:
-        if not whole:
+def _check_heads(where: str, group: Neighbours, spec: PruningSpec, reference: torch.Tensor, anchor: str,
+                 covered: set) -> None:  # fmt: skip
+    """The attention's head counts (`LayerSpec.heads`) are the heads its group keeps."""
+    units = reference[:: group.unit] // group.unit
+    for at in group.heads:
+        layer = spec.layers.get(at.module)
+        heads = layer.heads if layer is not None else None
+        after = int(((units >= at.first) & (units < at.first + at.count)).sum())
+        what = "query" if at.side == "query" else "key/value"
+        if heads is None:
+            if after != at.count:
+                raise SpecError(
+                    f"layer {at.module!r}: its {what} heads keep {after} of {at.count} (e.g. {_which(anchor)}), but "
+                    f"{_no_field(layer, 'heads')}"
+                )
+            continue
+        counts = heads.query if at.side == "query" else heads.key_value
+        if heads.head_dim != group.unit or tuple(counts) != (at.count, after):
             raise SpecError(
-                f"layer {module!r}: its {side.replace('_', '/')} heads keep {after} of {before} (e.g. "
-                f"{_which(anchor)}), but {_no_field(layer, 'heads')}"
+                f"layer {at.module!r}: heads: {at.side} is {list(counts)} with head_dim {heads.head_dim}, but its "
+                f"neighbours keep {after} of {at.count} heads of {group.unit} channels (e.g. {_which(anchor)})"
             )
-        return
-    counts = heads.query if side == "query" else heads.key_value
-    if heads.head_dim != group.unit or tuple(counts) != (before, after):
-        raise SpecError(
-            f"layer {module!r}: heads: {side} is {list(counts)} with head_dim {heads.head_dim}, but its neighbours "
-            f"keep {after} of {before} heads of {group.unit} channels (e.g. {_which(anchor)})"
-        )
-    covered.add(f"{module}:{side}")
+        covered.add(f"{at.module}:{at.side}")
 
 
 def _check_repeat(where: str, group: Neighbours, reference: torch.Tensor, spec: PruningSpec, entries: dict) -> None:

@@ -25,6 +25,7 @@ from prunespec.schemas import (
     ChannelRequest,
     DroppedBlock,
     HeadCounts,
+    HeadsAt,
     NormChange,
     InputInfo,
     KeptChannels,
@@ -121,7 +122,7 @@ def _neighbours(
         key = tuple(root[s] for s in slots)
         found = groups.get(key)
         if found is None:
-            found = groups[key] = {"slots": slots, "tensors": [], "readers": [], "norms": [], "heads": None,
+            found = groups[key] = {"slots": slots, "tensors": [], "readers": [], "norms": [], "heads": [],
                                    "repeated_in": None, "changed": False, "blocks": []}  # fmt: skip
         return found
 
@@ -180,9 +181,12 @@ def _neighbours(
         if record.module not in heads:
             continue
         for side, slots in (("query", record.query), ("key_value", record.key_value)):
-            for key in by_unit_root.get(root[slots[0]], []):
-                if groups[key]["unit"] == record.head_dim and groups[key]["units"] == [root[s] for s in slots]:
-                    groups[key]["heads"] = f"{record.module}:{side}"
+            wanted = [root[s] for s in slots]
+            for key in by_unit_root.get(wanted[0], []):
+                units = groups[key]["units"]
+                first = units.index(wanted[0])  # a fused projection holds the query heads beside the others
+                if groups[key]["unit"] == record.head_dim and units[first : first + len(wanted)] == wanted:
+                    groups[key]["heads"].append(HeadsAt(record.module, side, first, len(wanted)))
                     groups[key]["changed"] = True
     for repeat in graph.repeats:
         sources = [root[s] for s in repeat.sources]

@@ -181,6 +181,16 @@ class LayerSpec(_Struct, omit_defaults=True):
     """On norms that take their statistics over fewer channels (since schema 1.3)."""
 
 
+class HeadsAt(_Struct):
+    """Units `first` up to `first + count` of a group of `Neighbours` are the query or key/value heads of the
+    attention `module` (since schema 1.4); a fused projection holds them beside the other heads."""
+
+    module: str
+    side: Literal["query", "key_value"]
+    first: Count
+    count: Count
+
+
 class Neighbours(_Struct, omit_defaults=True):
     """One group of channels that several tensors, layers and norms share: the neighbours of a layer, which must
     keep the same channels in the same order (since schema 1.4).
@@ -194,7 +204,7 @@ class Neighbours(_Struct, omit_defaults=True):
       the axis keeps `kept`, or the layer's `input` subselection picks its channels from them;
     - `norms`: norms pruned through (`LayerSpec.normalises`) that normalise over these channels;
     - `unit`: channels that go together (an attention head's ``head_dim``): `kept` holds whole units;
-    - `heads`: ``"module:query"`` or ``"module:key_value"``: the units are that attention's heads;
+    - `heads`: units that are an attention's query or key/value heads (`HeadsAt`);
     - `repeated_in`: the first entry of the group whose units repeat these (grouped-query attention repeats each
       key/value head for its group of query heads);
     - `blocks`: dropped blocks (`PruningSpec.dropped_blocks`) that would read or write these channels if they ran.
@@ -210,7 +220,7 @@ class Neighbours(_Struct, omit_defaults=True):
     readers: list[str] = msgspec.field(default_factory=list)
     norms: list[str] = msgspec.field(default_factory=list)
     unit: Annotated[int, msgspec.Meta(ge=1)] = 1
-    heads: str | None = None
+    heads: list[HeadsAt] = msgspec.field(default_factory=list)
     repeated_in: str | None = None
     blocks: list[str] = msgspec.field(default_factory=list)
 
