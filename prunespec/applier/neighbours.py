@@ -16,31 +16,30 @@ version has no groups (`neighbours` is None) and is checked layer by layer only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-from torch import nn
 
 from prunespec.errors import SpecError
 from prunespec.schemas import LayerSpec, Neighbours, PruningSpec, decode_runs
 
 
-def check_neighbours(spec: PruningSpec, modules: dict[str, nn.Module], changes: Sequence) -> None:
+def check_neighbours(spec: PruningSpec, kept: dict[str, dict[str, list[torch.Tensor | None]]]) -> None:
     """Raise `SpecError` at the first layer that does not keep what its neighbours keep (see the module docstring).
 
-    `changes` are `validate.LayerChange`s of every layer of `spec`, already checked one by one.
+    `kept` holds, per layer of `spec`, the kept indices of each listed tensor axis (None: the axis is untouched),
+    already checked one by one against the model (`validate.LayerChange.kept`) or a checkpoint (`kept_in`). Sizes
+    come from the spec's fingerprint, which the model or checkpoint was found to match.
     """
     if spec.neighbours is None:
         return
     _check_blocks_asked(spec)
-    kept = {change.name: change.kept for change in changes}
+    shapes = {name: _shape(described) for name, described in spec.fingerprint.items()}
     covered: set[str] = set()
     entries = {}
     for i, group in enumerate(spec.neighbours):
         for entry in (*group.tensors, *group.readers):
             entries.setdefault(entry, i)
     for i, group in enumerate(spec.neighbours):
-        _check_group(i, group, spec, modules, kept, entries, covered)
+        _check_group(i, group, spec, shapes, kept, entries, covered)
     _check_covered(spec, kept, covered)
 
 
@@ -68,17 +67,42 @@ def _split(entry: str, where: str) -> tuple[str, str, int]:
     return module, local, int(axis)
 
 
-def _tensor(modules: dict[str, nn.Module], module: str, local: str, where: str) -> torch.Tensor:
-    owner = modules.get(module)
-    tensor = None
-    if owner is not None:
-        tensor = owner._parameters.get(local)
-        if tensor is None:
-            tensor = owner._buffers.get(local)
-    if tensor is None:
-        name = f"{module}.{local}" if module else local
+def _shape(described: str) -> list[int]:
+    """The shape in a fingerprint entry: 'float32[64,3,7,7]' -> [64, 3, 7, 7]."""
+    return [int(n) for n in described.rpartition("[")[2].rstrip("]").split(",") if n]
+
+
+def _tensor(shapes: dict[str, list[int]], module: str, local: str, where: str) -> list[int]:
+    """The shape of a tensor of the model, by module and local name."""
+    name = f"{module}.{local}" if module else local
+    shape = shapes.get(name)
+    if shape is None:
         raise SpecError(f"{where}: the model has no tensor {name!r}")
-    return tensor
+    return shape
+
+
+def kept_in(spec: PruningSpec) -> dict[str, dict[str, list[torch.Tensor | None]]]:
+    """The kept indices of every listed tensor axis of `spec`, for `check_neighbours` where there is no model to
+    check the layers against (a checkpoint pruned file to file): each field decoded and checked against the size the
+    fingerprint gives."""
+    from prunespec.applier.validate import decode_kept  # validate imports this module
+
+    kept: dict[str, dict[str, list[torch.Tensor | None]]] = {}
+    for name, layer in spec.layers.items():
+        for local, axes in layer.tensors.items():
+            key = f"{name}.{local}" if name else local
+            described = spec.fingerprint.get(key)
+            if described is None:
+                raise SpecError(f"layer {name!r}: tensor {local!r}: the fingerprint lists no tensor {key!r}")
+            shape = _shape(described)
+            if len(axes) > len(shape):
+                raise SpecError(f"layer {name!r}: tensor {local!r}: {len(axes)} axes listed but it has {len(shape)}")
+            where = f"layer {name!r}: tensor {local!r} axis"
+            kept.setdefault(name, {})[local] = [
+                None if runs is None else decode_kept(runs, shape[axis], f"{where} {axis}").indices
+                for axis, runs in enumerate(axes)
+            ]
+    return kept
 
 
 def _kept_axis(kept: dict, module: str, local: str, axis: int, size: int) -> torch.Tensor:
@@ -107,7 +131,7 @@ def _check_group(
     i: int,
     group: Neighbours,
     spec: PruningSpec,
-    modules: dict[str, nn.Module],
+    shapes: dict[str, list[int]],
     kept: dict,
     entries: dict[str, int],
     covered: set[str],
@@ -125,8 +149,8 @@ def _check_group(
 
     for entry in group.tensors:
         module, local, axis = _split(entry, f"{where} tensors")
-        tensor = _tensor(modules, module, local, f"{where} tensors")
-        if axis >= tensor.ndim or tensor.shape[axis] != before:
+        shape = _tensor(shapes, module, local, f"{where} tensors")
+        if axis >= len(shape) or shape[axis] != before:
             raise SpecError(f"{where}: tensor {entry.rpartition(':')[0]!r} has no axis {axis} of {before} channels")
         indices = _kept_axis(kept, module, local, axis, before)
         if not torch.equal(indices, reference):
@@ -136,15 +160,15 @@ def _check_group(
 
     for entry in group.readers:
         module, local, axis = _split(entry, f"{where} readers")
-        tensor = _tensor(modules, module, local, f"{where} readers")
-        if axis >= tensor.ndim:
+        shape = _tensor(shapes, module, local, f"{where} readers")
+        if axis >= len(shape):
             raise SpecError(f"{where}: tensor {entry.rpartition(':')[0]!r} has no axis {axis}")
         layer = spec.layers.get(module)
-        indices = _kept_axis(kept, module, local, axis, tensor.shape[axis])
+        indices = _kept_axis(kept, module, local, axis, shape[axis])
         gather = layer.input if layer is not None else None
         if gather is None:
-            if tensor.shape[axis] != before or not torch.equal(indices, reference):
-                reads = _describe(indices, tensor.shape[axis], reference)
+            if shape[axis] != before or not torch.equal(indices, reference):
+                reads = _describe(indices, shape[axis], reference)
                 what = f"tensor {local!r} axis {axis} reads {reads} channels of its input and has no subselection"
                 raise SpecError(_disagrees(spec, module, what, None, before, reference, entry, group))
         else:
