@@ -285,8 +285,11 @@ def change(before: int, after: int, arrow: str = "->") -> str:
 class PruningSpec(_Struct):
     """A compiled pruning request for one model: what to keep, per tensor and axis, and where to gather.
 
+    A spec written by hand in code leaves `neighbours` None and is applied with the checks layer by layer; to be
+    stored it needs them (an empty list: no channels shared by layers change).
+
     >>> spec = PruningSpec(model="Net", inputs=[], request=Request([], [], False, True),
-    ...                    summary=Summary(10, 8, 100, 80, 0), layers={}, fingerprint={})
+    ...                    summary=Summary(10, 8, 100, 80, 0), layers={}, fingerprint={}, neighbours=[])
     >>> load_spec_bytes(spec.to_json()) == spec
     True
     """
