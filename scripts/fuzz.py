@@ -368,7 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--subjects", nargs="+", choices=sorted(SUBJECTS), default=sorted(SUBJECTS))
     parser.add_argument("--show", type=int, default=5, help="defects to print in full")
+    parser.add_argument("--shard", default="0/1", help="K/N: run only the cases whose number is K modulo N (the same "
+                        "cases as a whole run, shared between N processes)")  # fmt: skip
     args = parser.parse_args(argv)
+    shard, shards = (int(n) for n in args.shard.split("/"))
     torch.set_num_threads(1)
     start = time.perf_counter()
     counts: Counter = Counter()
@@ -378,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         cases = args.cases // len(args.subjects) + (k < args.cases % len(args.subjects))
         rng = random.Random(f"{args.seed}:{name}")
         for case in range(cases):
-            data, done = mutate(subject.spec, rng)
+            data, done = mutate(subject.spec, rng)  # drawn for every case, so that each shard sees the same ones
+            if case % shards != shard:
+                continue
             outcome = run_case(subject, data)
             counts[name, outcome.kind] += 1
             if outcome.kind == "defect":

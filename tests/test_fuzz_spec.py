@@ -214,3 +214,13 @@ def test_deleting_any_layer_or_the_dropped_block_of_a_llama_spec_is_refused():
     data["dropped_blocks"], data["request"]["pruned_blocks"] = [], []
     with pytest.raises(prunespec.SpecError, match=rf"^block '{block['module']}': .* dropped_blocks does not drop it"):
         prunespec.prune(copy.deepcopy(subject.model), load_spec_bytes(json.dumps(data).encode()))
+
+
+def test_a_block_dropped_twice_is_refused():
+    """Found by `make fuzz`: removed twice from its ModuleList, it took the block after it along, unlike the mock."""
+    pytest.importorskip("transformers")
+    subject = fuzz.transformer()
+    data = copy.deepcopy(subject.spec)
+    data["dropped_blocks"] *= 2
+    data["request"]["pruned_blocks"] *= 2
+    assert fuzz.run_case(subject, json.dumps(data).encode()).detail.endswith("listed twice; a block is dropped once")
