@@ -224,3 +224,19 @@ def test_a_block_dropped_twice_is_refused():
     data["dropped_blocks"] *= 2
     data["request"]["pruned_blocks"] *= 2
     assert fuzz.run_case(subject, json.dumps(data).encode()).detail.endswith("listed twice; a block is dropped once")
+
+
+def test_apply_checkpoint_refuses_a_deleted_layer_and_writes_nothing(tmp_path):
+    """Pruning a checkpoint file to file builds no model, but the layers must fit together all the same."""
+    from safetensors.torch import save_file
+
+    from prunespec.applier.checkpoint import prune_checkpoint
+
+    subject = fuzz.cnn()
+    save_file(subject.model.state_dict(), tmp_path / "dense.safetensors")
+    data = copy.deepcopy(subject.spec)
+    del data["layers"]["layer1.0.bn1"]
+    spec = load_spec_bytes(json.dumps(data).encode())
+    with pytest.raises(prunespec.SpecError, match=r"^layer 'layer1\.0\.bn1': no entry in the spec \(was it deleted"):
+        prune_checkpoint(spec, tmp_path / "dense.safetensors", tmp_path / "pruned.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.safetensors"]
