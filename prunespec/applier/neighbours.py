@@ -232,7 +232,8 @@ def _check_units(where: str, group: Neighbours, reference: torch.Tensor) -> None
     if group.channels[0] % unit or len(reference) % unit:
         raise SpecError(f"{where}: {group.channels} channels are not whole units of {unit}")
     blocks = reference.view(-1, unit)
-    if bool((blocks[:, 0] % unit).any()) or not torch.equal(blocks - blocks[:, :1], torch.arange(unit).expand_as(blocks)):
+    in_order = torch.equal(blocks - blocks[:, :1], torch.arange(unit).expand_as(blocks))
+    if bool((blocks[:, 0] % unit).any()) or not in_order:
         raise SpecError(f"{where}: kept does not keep whole units of {unit} channels (attention heads go whole)")
 
 

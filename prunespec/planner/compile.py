@@ -101,12 +101,17 @@ def compile_spec(
         dropped_blocks=[DroppedBlock(name, _how_dropped(model, name)) for name in blocks],
         config=_config_changes(model, blocks),
         tied=dict(graph.aliases_of(model)),
-        neighbours=_neighbours(graph, layout, tensors, kept, heads, blocks, full),
+        neighbours=_neighbours(graph, layout, kept, heads, blocks, full),
     )
 
 
 def _neighbours(
-    graph: ChannelGraph, layout: Layout, tensors, kept, heads, blocks: Sequence[str] = (), full: ChannelGraph | None = None
+    graph: ChannelGraph,
+    layout: Layout,
+    kept,
+    heads,
+    blocks: Sequence[str] = (),
+    full: ChannelGraph | None = None,
 ) -> list[Neighbours]:
     """The groups of channels that layers share, for every activation whose channels change (see `Neighbours`).
 
