@@ -61,8 +61,8 @@ X = torch.randn(1, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().man
 VALID = json.loads(
     prunespec.plan(MODEL, [X], pruned_inputs=[("body.3.weight", c) for c in (0, 2, 5)]).to_json()
 )
-# The fixture covers subselections and the fields of schema 1.1.
-assert any("input" in layer for layer in VALID["layers"].values())
+# The fixture covers subselections, the fields of schema 1.1 and the groups of neighbours of schema 1.4.
+assert any("input" in layer for layer in VALID["layers"].values()) and VALID["neighbours"]
 assert any({"input_activation_channels", "macs"} <= layer.keys() for layer in VALID["layers"].values())
 
 
