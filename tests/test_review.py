@@ -233,6 +233,7 @@ def _many_layers(seed: int, blocks: int = 120, width: int = 256) -> PruningSpec:
     macs = [sum(r.macs[side] for r in rows if r.macs) for side in (0, 1)]
     gathers = sum(layer.input is not None for layer in layers.values())
     spec.summary = Summary(elements[0], elements[1], macs[0], macs[1], gathers)
+    spec.neighbours = []  # a stored spec of this schema must have them; this one is only shown, never applied
     return spec
 
 
@@ -404,19 +405,28 @@ def test_validate_runs_the_pruned_model_on_meta_tensors(specs, tmp_path):
     del data["layers"]["0"], data["layers"]["1"]  # conv 3 now reads 8 channels where it takes 5
     no_producer = tmp_path / "no_producer.json"
     no_producer.write_text(json.dumps(data))
+    # Migrated from schema 1.3, which does not record which layers share channels: only the forward pass can tell.
+    data = data | {"schema_version": "1.3"}
+    del data["neighbours"]
+    migrated = tmp_path / "migrated.json"
+    migrated.write_text(json.dumps(data))
     (tmp_path / "runs").mkdir()
     runs = invoke_all(
         {
             "no_producer": ["validate", no_producer, "--model", TINY],
+            "migrated": ["validate", migrated, "--model", TINY],
             "not_on_meta": ["validate", specs["a"], "--model", "models_for_cli:looks_at_values"],
         },
         tmp_path / "runs",
     )
-    # Each layer fits on its own (conv 3 records the 5 channels it reads): only the forward pass shows the mistake.
+    # Each layer fits on its own (conv 3 records the 5 channels it reads): its neighbours show the mistake.
     assert runs["no_producer"].exit_code == 1
     (line,) = runs["no_producer"].stdout.splitlines()
+    assert "layer '0': no entry in the spec (was it deleted?), so tensor 'weight' axis 0 would keep all 8" in line
+    assert runs["migrated"].exit_code == 1
+    (line,) = runs["migrated"].stdout.splitlines()
     assert line.startswith(
-        f"{no_producer}: forward pass on inputs 1x3x16x16: the pruned model fails in layer '3', called with shape "
+        f"{migrated}: forward pass on inputs 1x3x16x16: the pruned model fails in layer '3', called with shape "
         "[1, 8, 14, 14]: RuntimeError: "  # then torch's own words
     )
     not_on_meta = runs["not_on_meta"]

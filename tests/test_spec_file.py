@@ -74,9 +74,13 @@ def test_a_textual_diff_shows_the_changed_layers():
     b = prunespec.plan(model, x, [("layer4.1.conv2.weight", 4)], reorder=False).to_json().decode().splitlines()
     assert len(a) == len(b)
     changed = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
-    # the request, then one line each for the producer, its batch norm and the consumer
-    layers = [next(line for line in reversed(a[:i]) if line.endswith(": {")).strip() for i in changed]
-    assert layers == ['"request": {', '"layer4.1.conv1": {', '"layer4.1.bn1": {', '"layer4.1.conv2": {']
+    # the request, then one line each for the producer, its batch norm and the consumer, and for the group of
+    # channels they share
+    sections = [next(line for line in reversed(a[:i]) if line.endswith((": {", '"neighbours": ['))).strip()
+                for i in changed]  # fmt: skip
+    assert sections == ['"request": {', '"layer4.1.conv1": {', '"layer4.1.bn1": {', '"layer4.1.conv2": {',
+                        '"neighbours": [']  # fmt: skip
+    assert '"layer4.1.bn1.weight:0"' in a[changed[-1]]
 
 
 def test_runs_round_trip():

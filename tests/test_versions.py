@@ -104,12 +104,32 @@ def test_migrating_1_2_keeps_every_field_and_prunes_no_heads(path):
     assert all(layer.heads is None for layer in spec.layers.values())
 
 
+@pytest.mark.parametrize("path", [p for p in STORED if p.parent.name == "v1.3"], ids=lambda p: p.name)
+def test_migrating_1_3_keeps_every_field_and_knows_no_neighbours(path):
+    raw = json.loads(path.read_bytes())
+    spec = load_spec_bytes(path.read_bytes())
+    assert json.loads(msgspec.json.encode(spec)) == _migrated(raw)
+    assert spec.neighbours is None
+
+
+def test_a_spec_of_this_version_without_neighbours_is_refused():
+    """Only a migrated spec may lack them: deleting them would turn off the check that finds a deleted layer."""
+    data = _planned_json()
+    for value in (None, "delete"):
+        if value is None:
+            data["neighbours"] = None
+        else:
+            del data["neighbours"]
+        with pytest.raises(prunespec.SpecError, match=r"neighbours: a spec of schema 1\.4 must list the channels"):
+            load_spec_bytes(json.dumps(data).encode())
+
+
 def _migrated(raw: dict) -> dict:
     """An older file as this version reads it: every field kept, the newer ones empty."""
     request = {"pruned_heads": [], "pruned_kv_heads": [], "through_norms": False, "pruned_blocks": [],
                "uniform": False, **raw["request"]}  # fmt: skip
     newer = {"norm_folds": [], "dropped_blocks": [], "config": {}, "tied": {}}
-    return {**newer, **raw, "request": request, "schema_version": SCHEMA_VERSION}
+    return {**newer, **raw, "request": request, "schema_version": SCHEMA_VERSION, "neighbours": None}
 
 
 def _planned_json() -> dict:
@@ -117,7 +137,7 @@ def _planned_json() -> dict:
     return json.loads(prunespec.plan(model, inputs, [("conv2.weight", 1)]).to_json())
 
 
-@pytest.mark.parametrize("version", ["1.4", "2.0"], ids=["newer minor", "newer major"])
+@pytest.mark.parametrize("version", ["1.5", "2.0"], ids=["newer minor", "newer major"])
 def test_a_newer_version_is_refused_with_the_release_that_wrote_it(version):
     data = _planned_json() | {"schema_version": version, "generator": "prunespec 7.3.0"}
     with pytest.raises(

@@ -55,6 +55,9 @@ def check_blocks(model: nn.Module, spec: PruningSpec) -> list[BlockDrop]:
         inside = [name for name in spec.layers if name.startswith(f"{block.module}.")]
         if inside:
             raise SpecError(f"{where}: layer {inside[0]!r} lies inside it, but a dropped block has no layers left")
+        if any(earlier.module == block.module for earlier in spec.dropped_blocks[:i]):
+            # Removing it twice from its ModuleList would remove the block after it too.
+            raise SpecError(f"{where}: listed twice; a block is dropped once")
         outer = next((b.module for b in spec.dropped_blocks if block.module.startswith(f"{b.module}.")), None)
         if outer is not None:
             raise SpecError(f"{where}: it lies inside {outer!r}, which is dropped too")

@@ -33,6 +33,7 @@ from typing import BinaryIO
 import torch
 
 from prunespec.applier.blocks import renamed_key
+from prunespec.applier.neighbours import check_neighbours, kept_in
 from prunespec.applier.validate import Kept, compare_fingerprints, decode_kept
 from prunespec.errors import SpecError
 from prunespec.schemas import PruningSpec, atomic_path
@@ -120,6 +121,7 @@ def prune_checkpoint(spec: PruningSpec, source: str | os.PathLike, target: str |
     problems = compare_fingerprints(actual, spec.fingerprint, spec.model, "the checkpoint", tied=spec.tied)
     if problems:
         raise SpecError(f"{source}: {problems[0]}")
+    check_neighbours(spec, kept_in(spec))  # no model to build, but its layers must fit together all the same
     planned = [
         PlannedTensor(new, tensor, kept_axes(spec, name, tensor.shape))
         for name, tensor in stored.items()

@@ -43,6 +43,7 @@ from prunespec.applier.checkpoint import (
     read_header,
     write_safetensors,
 )
+from prunespec.applier.neighbours import check_neighbours, kept_in
 from prunespec.applier.prune import build_pruned
 from prunespec.applier.validate import compare_fingerprints, fingerprint
 from prunespec.errors import SpecError
@@ -113,6 +114,7 @@ def prune_folder(
     problems = compare_fingerprints(actual, spec.fingerprint, spec.model, "the checkpoint", tied=spec.tied)
     if problems:
         raise SpecError(f"{source}: {problems[0]}")
+    check_neighbours(spec, kept_in(spec))  # no model is built, but its layers must fit together all the same
     config = pruned_config(folder.config, spec, source / CONFIG)
     # Stored as the input stores them: a block that moves up takes the stored name of the one it replaces.
     stored_name = {model: stored for stored, model in names.items()}

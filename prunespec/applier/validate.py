@@ -8,7 +8,8 @@ not fit raises `SpecError` here and the model stays exactly as it was. Every mes
 
 Layers are checked one by one, and against the data flow where the spec records it: a consumer's
 `input_activation_channels` (schema 1.1) must be what its pruned weight reads, or the size its subselection picks
-from, so that a spec whose layers are each consistent but do not fit together is refused before the model runs.
+from; and every layer must keep what its neighbours keep (schema 1.4, `neighbours.check_neighbours`), so that a
+spec whose layers are each consistent but do not fit together is refused before the model runs.
 
 Applying a spec should cost little more than copying the kept weights, so the index runs of all fields are decoded
 together up front (`_Decoder`, `_decode_together`), and each new tensor is made with one gather per pruned axis
@@ -29,6 +30,7 @@ from torch import nn
 
 from prunespec.applier.blocks import check_blocks
 from prunespec.applier.fold import check_fold
+from prunespec.applier.neighbours import check_neighbours
 from prunespec.applier.rules import HEAD_ATTRIBUTES, Rule, head_attribute_problem, rule_for
 from prunespec.errors import SpecError, nearest
 from prunespec.schemas import SCHEMA_VERSION, LayerSpec, PruningSpec, parse_runs, well_formed_runs
@@ -78,7 +80,9 @@ def check(model: nn.Module, spec: PruningSpec) -> list[LayerChange]:
     modules = dict(model.named_modules())
     decoder = _Decoder(_index_fields(spec, modules))
     with torch.no_grad():
-        return [_check_layer(name, layer, modules, decoder) for name, layer in spec.layers.items()]
+        changes = [_check_layer(name, layer, modules, decoder) for name, layer in spec.layers.items()]
+        check_neighbours(spec, {change.name: change.kept for change in changes})
+    return changes
 
 
 def _index_fields(spec: PruningSpec, modules: dict[str, nn.Module]) -> Iterator[tuple[str, int]]:
@@ -263,10 +267,17 @@ def problems(model: nn.Module, spec: PruningSpec) -> list[str]:
     modules = dict(model.named_modules())
     decoder = _Decoder(_index_fields(spec, modules))
     pruned = {}
+    changes = []
     with torch.no_grad():
         for name, layer in spec.layers.items():
             try:
-                pruned[name] = _check_layer(name, layer, modules, decoder).tensors
+                changes.append(_check_layer(name, layer, modules, decoder))
+                pruned[name] = changes[-1].tensors
+            except SpecError as e:
+                found.append(str(e))
+        if len(changes) == len(spec.layers):  # neighbours are compared once each layer fits on its own
+            try:
+                check_neighbours(spec, {change.name: change.kept for change in changes})
             except SpecError as e:
                 found.append(str(e))
     for i, entry in enumerate(spec.norm_folds):

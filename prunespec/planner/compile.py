@@ -25,10 +25,12 @@ from prunespec.schemas import (
     ChannelRequest,
     DroppedBlock,
     HeadCounts,
+    HeadsAt,
     NormChange,
     InputInfo,
     KeptChannels,
     LayerSpec,
+    Neighbours,
     NormFold,
     PruningSpec,
     Request,
@@ -102,7 +104,167 @@ def compile_spec(
         dropped_blocks=[DroppedBlock(name, _how_dropped(model, name)) for name in blocks],
         config=_config_changes(model, blocks),
         tied=dict(graph.aliases_of(model)),
+        neighbours=_neighbours(graph, layout, kept, heads, blocks, full),
     )
+
+
+def _neighbours(
+    graph: ChannelGraph,
+    layout: Layout,
+    kept,
+    heads,
+    blocks: Sequence[str] = (),
+    full: ChannelGraph | None = None,
+) -> list[Neighbours]:
+    """The groups of channels that layers share, for every activation whose channels change (see `Neighbours`).
+
+    Tensor axes and consumer inputs share a group when they run along the same slots, in the same order. A group
+    is written when its kept channels are not all of them in order, when a reader of it keeps other ones (a
+    subselection), when it holds the heads of an attention that loses some, or when its units are repeated in a
+    group that is written (or repeat one that is).
+    """
+    root = graph.slots.roots_table()
+    groups: dict[tuple[int, ...], dict] = {}
+
+    def group(slots: list[int]) -> dict:
+        key = tuple(root[s] for s in slots)
+        found = groups.get(key)
+        if found is None:
+            found = groups[key] = {"slots": slots, "tensors": [], "readers": [], "norms": [], "heads": [],
+                                   "repeated_in": None, "changed": False, "blocks": []}  # fmt: skip
+        return found
+
+    further = defaultdict(list)  # first name of a shared tensor -> its further names
+    for alias, first in graph.aliases.items():
+        if alias != first:
+            further[first].append(alias)
+    for binding in graph.bindings:
+        members = group(binding.slots)["tensors"]
+        for name in (binding.tensor, *further[binding.tensor]):
+            if f"{name}:{binding.axis}" not in members:
+                members.append(f"{name}:{binding.axis}")
+    per_group = []  # the input axis of a grouped weight holds the columns of one group, not the activation's
+    for consumer in graph.consumers:
+        if consumer.per_group:
+            indices = kept.get(consumer.weight, {}).get(consumer.axis)
+            if indices is not None and indices != list(range(consumer.per_group)):
+                per_group.append(Neighbours((consumer.per_group, len(indices)), encode_runs(indices),
+                                            tensors=[f"{consumer.weight}:{consumer.axis}"]))  # fmt: skip
+            continue
+        found = group(consumer.slots)
+        found["readers"].append(f"{consumer.weight}:{consumer.axis}")
+        if kept.get(consumer.weight, {}).get(consumer.axis, layout.positions(consumer.slots)) != layout.positions(
+            consumer.slots
+        ):
+            found["changed"] = True
+    for renorm in graph.renorms:
+        group(renorm.slots)["norms"].append(renorm.module)
+
+    for block, entry in _block_streams(blocks, full):
+        found = next((g for g in groups.values() if entry in g["tensors"] or entry in g["readers"]), None)
+        if found is not None and block not in found["blocks"]:
+            found["blocks"].append(block)
+
+    def unit_roots(key: tuple[int, ...]) -> tuple[list[int], int]:
+        """The slot of each unit of a group, and the unit's size: slots come in runs of one size (heads) or not."""
+        runs = [1]
+        for a, b in zip(key, key[1:]):
+            if a == b:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        size = runs[0] if len(set(runs)) == 1 else 1
+        return list(key[::size]), size
+
+    by_unit_root: dict[int, list[tuple]] = defaultdict(list)
+    for key in groups:
+        units, size = unit_roots(key)
+        groups[key]["unit"] = size
+        groups[key]["units"] = units
+        if size > 1:
+            for r in units:
+                by_unit_root[r].append(key)
+
+    for record in graph.heads:
+        if record.module not in heads:
+            continue
+        for side, slots in (("query", record.query), ("key_value", record.key_value)):
+            wanted = [root[s] for s in slots]
+            for key in by_unit_root.get(wanted[0], []):
+                units = groups[key]["units"]
+                first = units.index(wanted[0])  # a fused projection holds the query heads beside the others
+                if groups[key]["unit"] == record.head_dim and units[first : first + len(wanted)] == wanted:
+                    groups[key]["heads"].append(HeadsAt(record.module, side, first, len(wanted)))
+                    groups[key]["changed"] = True
+    for repeat in graph.repeats:
+        sources = [root[s] for s in repeat.sources]
+        copies = [root[s] for copied in repeat.copies for s in copied]
+        if len({len(c) for c in repeat.copies}) != 1:
+            continue
+        for source_key in by_unit_root.get(sources[0], []):
+            for copy_key in by_unit_root.get(copies[0], []):
+                source, copied = groups[source_key], groups[copy_key]
+                if source["units"] == sources and copied["units"] == copies and source["unit"] == copied["unit"]:
+                    source["repeated_in"] = copy_key
+
+    def first_entry(found: dict) -> str:
+        return (found["tensors"] or found["readers"])[0]
+
+    written = {}
+    for key, found in groups.items():
+        positions = layout.positions(found["slots"])
+        if not (found["tensors"] or found["readers"]):
+            continue
+        if found["changed"] or positions != list(range(len(key))):
+            written[key] = found
+    for key, found in groups.items():  # a repeat relates two groups: both are written, or neither
+        target = found["repeated_in"]
+        if target is not None and (key in written or target in written):
+            written[key] = found
+            written[target] = groups[target]
+    out = []
+    for key, found in groups.items():
+        if key not in written:
+            continue
+        positions = layout.positions(found["slots"])
+        target = found["repeated_in"]
+        out.append(
+            Neighbours(
+                channels=(len(key), len(positions)),
+                kept=encode_runs(positions),
+                tensors=found["tensors"],
+                readers=found["readers"],
+                norms=found["norms"],
+                unit=found["unit"],
+                heads=found["heads"],
+                blocks=found["blocks"],
+                repeated_in=None if target is None else first_entry(groups[target]),
+            )
+        )
+    return out + per_group
+
+
+def _block_streams(blocks: Sequence[str], full: ChannelGraph | None) -> list[tuple[str, str]]:
+    """(dropped block, an entry outside it) for each tensor axis or reader outside a dropped block that runs along the
+    channels some tensor axis or reader inside it does, in `full`, the trace of the model with the blocks: the
+    channels a dropped block would read and write if it ran."""
+    if not blocks or full is None:
+        return []
+    root = full.slots.roots_table()
+    inside = tuple(f"{b}." for b in blocks)
+    entries = [(b.tensor, b.axis, b.slots) for b in full.bindings]
+    entries += [(c.weight, c.axis, c.slots) for c in full.consumers if not c.per_group]
+    outside: dict[tuple[int, ...], str] = {}
+    for name, axis, slots in entries:
+        if not name.startswith(inside):
+            outside.setdefault(tuple(root[s] for s in slots), f"{name}:{axis}")
+    found = []
+    for block in blocks:
+        for name, axis, slots in entries:
+            entry = outside.get(tuple(root[s] for s in slots)) if name.startswith(f"{block}.") else None
+            if entry is not None and (block, entry) not in found:
+                found.append((block, entry))
+    return found
 
 
 def _config_changes(model: torch.nn.Module, blocks: Sequence[str]) -> dict[str, tuple]:

@@ -25,9 +25,9 @@ import msgspec
 
 from prunespec.errors import SpecError
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 # Every version this reader reads, oldest first; see `_migrate` for the policy.
-KNOWN_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
+KNOWN_VERSIONS = ("1.0", "1.1", "1.2", "1.3", "1.4")
 # An index above this is not a channel of any real model; refusing it early keeps hostile files cheap to reject.
 MAX_INDEX = 2**31 - 1
 
@@ -181,6 +181,50 @@ class LayerSpec(_Struct, omit_defaults=True):
     """On norms that take their statistics over fewer channels (since schema 1.3)."""
 
 
+class HeadsAt(_Struct):
+    """Units `first` up to `first + count` of a group of `Neighbours` are the query or key/value heads of the
+    attention `module` (since schema 1.4); a fused projection holds them beside the other heads."""
+
+    module: str
+    side: Literal["query", "key_value"]
+    first: Count
+    count: Count
+
+
+class Neighbours(_Struct, omit_defaults=True):
+    """One group of channels that several tensors, layers and norms share: the neighbours of a layer, which must
+    keep the same channels in the same order (since schema 1.4).
+
+    The planner writes one for every activation whose channels change, from the traced data flow. `channels` is
+    ``[before, after]`` and `kept` the channels that stay, in their pruned order. Every entry names where they run:
+
+    - `tensors`: ``"name:axis"`` of a parameter or buffer (a producer's weight and bias, a batch norm's statistics,
+      a depthwise convolution, a layer scale, ...): the axis keeps exactly `kept`;
+    - `readers`: ``"name:axis"`` of a consumer's weight (a convolution or linear layer called with these channels):
+      the axis keeps `kept`, or the layer's `input` subselection picks its channels from them;
+    - `norms`: norms pruned through (`LayerSpec.normalises`) that normalise over these channels;
+    - `unit`: channels that go together (an attention head's ``head_dim``): `kept` holds whole units;
+    - `heads`: units that are an attention's query or key/value heads (`HeadsAt`);
+    - `repeated_in`: the first entry of the group whose units repeat these (grouped-query attention repeats each
+      key/value head for its group of query heads);
+    - `blocks`: dropped blocks (`PruningSpec.dropped_blocks`) that would read or write these channels if they ran.
+
+    The applier checks every entry against the layer it names before anything changes, so a spec from which a
+    layer, a field or an index was deleted or changed by hand is refused, not built into a model that fails or
+    computes something else.
+    """
+
+    channels: tuple[Count, Count]
+    kept: IndexRuns
+    tensors: list[str] = msgspec.field(default_factory=list)
+    readers: list[str] = msgspec.field(default_factory=list)
+    norms: list[str] = msgspec.field(default_factory=list)
+    unit: Annotated[int, msgspec.Meta(ge=1)] = 1
+    heads: list[HeadsAt] = msgspec.field(default_factory=list)
+    repeated_in: str | None = None
+    blocks: list[str] = msgspec.field(default_factory=list)
+
+
 class NormFold(_Struct):
     """A batch norm that, for inference, can be folded into the layer before it (since schema 1.2).
 
@@ -241,8 +285,11 @@ def change(before: int, after: int, arrow: str = "->") -> str:
 class PruningSpec(_Struct):
     """A compiled pruning request for one model: what to keep, per tensor and axis, and where to gather.
 
+    A spec written by hand in code leaves `neighbours` None and is applied with the checks layer by layer; to be
+    stored it needs them (an empty list: no channels shared by layers change).
+
     >>> spec = PruningSpec(model="Net", inputs=[], request=Request([], [], False, True),
-    ...                    summary=Summary(10, 8, 100, 80, 0), layers={}, fingerprint={})
+    ...                    summary=Summary(10, 8, 100, 80, 0), layers={}, fingerprint={}, neighbours=[])
     >>> load_spec_bytes(spec.to_json()) == spec
     True
     """
@@ -264,6 +311,10 @@ class PruningSpec(_Struct):
     tied: dict[str, str] = msgspec.field(default_factory=dict)
     """Tensors that modules share: each further name -> the first (tied input and output embeddings, which a
     checkpoint may store once; since schema 1.3)."""
+    neighbours: list[Neighbours] | None = None
+    """The groups of channels that layers share, for every activation whose channels change (see `Neighbours`;
+    since schema 1.4, where it is required). None only in a spec migrated from an older version, which the applier
+    checks layer by layer."""
     schema_version: str = SCHEMA_VERSION
     generator: str = "prunespec"
 
@@ -272,7 +323,7 @@ class PruningSpec(_Struct):
 
         >>> PruningSpec(model="Net", inputs=[], request=Request([], [], False, True),
         ...             summary=Summary(10, 8, 100, 80, 0), layers={}, fingerprint={})
-        <PruningSpec of Net, schema 1.3: 0 layers, parameters 10 -> 8 (-20.0%)>
+        <PruningSpec of Net, schema 1.4: 0 layers, parameters 10 -> 8 (-20.0%)>
         """
         s = self.summary
         return (
@@ -285,7 +336,7 @@ class PruningSpec(_Struct):
 
         >>> print(PruningSpec(model="Net", inputs=[], request=Request([], [], False, True),
         ...                   summary=Summary(10, 8, 100, 80, 0), layers={}, fingerprint={}))
-        pruning spec of Net (schema 1.3, unconstrained, reordered)
+        pruning spec of Net (schema 1.4, unconstrained, reordered)
           parameters 10 -> 8 (-20.0%), MACs 100 -> 80 (-20.0%), 0 activation subselection(s)
           0 layers touched, 0 groups of channels kept, 0 batch norms to fold
         """
@@ -310,7 +361,7 @@ def _ordered(spec: PruningSpec) -> dict[str, Any]:
     """Builtins in reading order: version first, the long fingerprint last."""
     data = msgspec.to_builtins(spec)
     head = ["schema_version", "generator", "model", "inputs", "request", "summary", "kept", "dropped_blocks", "config",
-            "layers", "norm_folds"]  # fmt: skip
+            "layers", "norm_folds", "neighbours"]  # fmt: skip
     return {key: data[key] for key in head + [k for k in data if k not in head]}
 
 
@@ -485,6 +536,13 @@ def load_spec_bytes(data: bytes, source: str = "spec") -> PruningSpec:
         raise SpecError(f"{source} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: the top level must be a JSON object with a 'schema_version' field")
+    if raw.get("schema_version") == SCHEMA_VERSION and raw.get("neighbours") is None:
+        # Only a migrated spec may lack the record of which layers share channels: without it the applier could
+        # not tell a layer deleted from the spec by hand from one the plan leaves alone.
+        raise SpecError(
+            f"{source}: neighbours: a spec of schema {SCHEMA_VERSION} must list the channels its layers share "
+            "(was the field deleted? plan again to write it)"
+        )
     raw = _migrate(raw, source)
     try:
         spec = msgspec.convert(raw, type=PruningSpec)
@@ -522,6 +580,8 @@ def _check_runs_are_well_formed(spec: PruningSpec, source: str) -> None:
             check(layer.input.indices, f"layers[{name!r}].input.indices")
         if layer.normalises is not None:
             check(layer.normalises.kept, f"layers[{name!r}].normalises.kept")
+    for i, group in enumerate(spec.neighbours or ()):
+        check(group.kept, f"neighbours[{i}].kept")
 
 
 def _migrate(raw: dict[str, Any], source: str) -> dict[str, Any]:
@@ -537,11 +597,11 @@ def _migrate(raw: dict[str, Any], source: str) -> dict[str, Any]:
     this reason), and applying it without them could build a wrong model without a word.
 
     >>> _migrate({"schema_version": "1.0", "generator": "prunespec 0.1.0"}, "spec")["schema_version"]
-    '1.3'
-    >>> _migrate({"schema_version": "1.4", "generator": "prunespec 0.5.0"}, "spec")  # doctest: +ELLIPSIS
+    '1.4'
+    >>> _migrate({"schema_version": "1.5", "generator": "prunespec 0.5.0"}, "spec")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    prunespec.errors.SpecError: spec: schema_version 1.4 is newer than this prunespec reads (1.3); upgrade to ...
+    prunespec.errors.SpecError: spec: schema_version 1.5 is newer than this prunespec reads (1.4); upgrade to ...
     """
     version = raw.get("schema_version")
     if not isinstance(version, str) or not re.fullmatch(r"[0-9]{1,9}\.[0-9]{1,9}", version):
@@ -599,8 +659,19 @@ def _from_1_2(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "schema_version": "1.3"}
 
 
+def _from_1_3(raw: dict[str, Any]) -> dict[str, Any]:
+    """1.3 -> 1.4: the spec gains `neighbours` (see `Neighbours`), left None.
+
+    Lost: which layers share channels comes from the traced data flow, which a 1.3 file does not hold. A migrated
+    spec is applied with the checks of 1.3: each layer on its own, and each consumer against the activation size it
+    records; a layer deleted from it by hand is found only when the model runs (`prunespec validate --model` runs
+    it on meta tensors). Planning again records them.
+    """
+    return {**raw, "schema_version": "1.4", "neighbours": None}
+
+
 # The step from each version to the next, oldest first; a new version adds one entry here and one to KNOWN_VERSIONS.
-_MIGRATIONS = {"1.0": _from_1_0, "1.1": _from_1_1, "1.2": _from_1_2}
+_MIGRATIONS = {"1.0": _from_1_0, "1.1": _from_1_1, "1.2": _from_1_2, "1.3": _from_1_3}
 
 
 def json_schema() -> dict[str, Any]:
