@@ -22,17 +22,25 @@ from prunespec.errors import SpecError
 from prunespec.schemas import LayerSpec, Neighbours, PruningSpec, decode_runs
 
 
-def check_neighbours(spec: PruningSpec, kept: dict[str, dict[str, list[torch.Tensor | None]]]) -> None:
+def check_neighbours(
+    spec: PruningSpec,
+    kept: dict[str, dict[str, list[torch.Tensor | None]]],
+    model: torch.nn.Module | None = None,
+) -> None:
     """Raise `SpecError` at the first layer that does not keep what its neighbours keep (see the module docstring).
 
     `kept` holds, per layer of `spec`, the kept indices of each listed tensor axis (None: the axis is untouched),
     already checked one by one against the model (`validate.LayerChange.kept`) or a checkpoint (`kept_in`). Sizes
-    come from the spec's fingerprint, which the model or checkpoint was found to match.
+    come from the spec's fingerprint, which the model or checkpoint was found to match, and for buffers that no
+    state dict holds (non-persistent ones, such as EVA's zero key bias) from `model`, where there is one.
     """
     if spec.neighbours is None:
         return
     _check_blocks_asked(spec)
     shapes = {name: _shape(described) for name, described in spec.fingerprint.items()}
+    if model is not None:
+        for name, buffer in model.named_buffers():
+            shapes.setdefault(name, list(buffer.shape))
     covered: set[str] = set()
     entries = {}
     for i, group in enumerate(spec.neighbours):

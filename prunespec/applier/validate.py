@@ -81,7 +81,7 @@ def check(model: nn.Module, spec: PruningSpec) -> list[LayerChange]:
     decoder = _Decoder(_index_fields(spec, modules))
     with torch.no_grad():
         changes = [_check_layer(name, layer, modules, decoder) for name, layer in spec.layers.items()]
-        check_neighbours(spec, {change.name: change.kept for change in changes})
+        check_neighbours(spec, {change.name: change.kept for change in changes}, model)
     return changes
 
 
@@ -277,7 +277,7 @@ def problems(model: nn.Module, spec: PruningSpec) -> list[str]:
                 found.append(str(e))
         if len(changes) == len(spec.layers):  # neighbours are compared once each layer fits on its own
             try:
-                check_neighbours(spec, {change.name: change.kept for change in changes})
+                check_neighbours(spec, {change.name: change.kept for change in changes}, model)
             except SpecError as e:
                 found.append(str(e))
     for i, entry in enumerate(spec.norm_folds):

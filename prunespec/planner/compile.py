@@ -126,8 +126,12 @@ def _neighbours(
     root = graph.slots.roots_table()
     groups: dict[tuple[int, ...], dict] = {}
 
+    keys: dict[int, tuple[int, ...]] = {}  # id(slots) -> their roots: bindings of one layer share their slots
+
     def group(slots: list[int]) -> dict:
-        key = tuple(root[s] for s in slots)
+        key = keys.get(id(slots))
+        if key is None:
+            key = keys[id(slots)] = tuple(map(root.__getitem__, slots))
         found = groups.get(key)
         if found is None:
             found = groups[key] = {"slots": slots, "tensors": [], "readers": [], "norms": [], "heads": [],
@@ -167,6 +171,8 @@ def _neighbours(
 
     def unit_roots(key: tuple[int, ...]) -> tuple[list[int], int]:
         """The slot of each unit of a group, and the unit's size: slots come in runs of one size (heads) or not."""
+        if len(set(key)) == len(key):  # every slot its own unit: the common case, decided without a Python loop
+            return list(key), 1
         runs = [1]
         for a, b in zip(key, key[1:]):
             if a == b:
