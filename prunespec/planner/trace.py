@@ -18,12 +18,12 @@ from itertools import chain
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.func import functional_call
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from prunespec.applier.rules import rule_for, runs_own_forward
+from prunespec.applier.swap import call_with
 from prunespec.errors import PlanError, on_command_line
 from prunespec.planner import ops
 from prunespec.planner.graph import Binding, ChannelGraph, ChannelMap, Fold, Renorm, SplitMap
@@ -518,7 +518,7 @@ def _trace(
             with tracer:
                 try:
                     if twins:
-                        out = functional_call(model, twins, tuple(args), tie_weights=False, strict=True)
+                        out = call_with(model, twins, tuple(args))  # once per module slot: see `swap`
                     else:
                         out = model(*args)
                 except Exception as e:  # whatever the model's own forward raises
