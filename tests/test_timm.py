@@ -1,6 +1,8 @@
 """Channel tricks of timm's architectures, each reproduced on a small module, planned and checked in both modes.
 
 - a module reached from several places (CoaT's shared convolutional position encoding, `mlp2 = mlp3 = mlp4`);
+- weight standardisation (NFNets' `ScaledStdConv2d`, BiT's `StdConv2d`): the weight is normalised per filter in
+  forward, so output channels prune exactly and input channels stay, with the reason;
 
 Each test plans random patterns, stores and reloads the spec, and checks the pruned model against the mock in
 float64 (`tests/invariant.py`), plus what the trick needs: the model left untouched, which channels go and which
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import prunespec
@@ -61,3 +64,56 @@ def test_shared_module_prunes_consistently(constrained: bool, tmp_path) -> None:
     reasons = {k.reason for k in spec.kept}
     assert any("mlp.2.weight is used 2 times in forward" in r for r in reasons), reasons
     assert spec.summary.parameters_after < spec.summary.parameters_before
+
+
+# ------------------------------------------------------------------------------------------ weight standardisation
+
+
+class ConvStandardised(nn.Conv2d):
+    """Each filter standardised over its inputs and kernel, then scaled by a learnt gain, as timm's
+    ScaledStdConv2d does (and StdConv2d without the gain)."""
+
+    def __init__(self, *args, gain: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5) if gain else None
+        self.scale = self.weight[0].numel() ** -0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gain = (self.gain * self.scale).view(-1) if self.gain is not None else None
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, weight=gain, training=True,
+                              momentum=0.0, eps=1e-6).reshape_as(self.weight)  # fmt: skip
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Standardised(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = ConvStandardised(8, 12, 3, padding=1)
+        self.depthwise = ConvStandardised(12, 12, 3, padding=1, groups=12, gain=False)
+        self.head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.depthwise(torch.relu(self.conv(torch.relu(self.stem(x))))))
+
+
+@pytest.mark.parametrize("constrained", MODES, ids=MODE_IDS)
+def test_standardised_weight_prunes_its_filters(constrained: bool, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = Standardised().double().eval()
+    inputs = [torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))]
+    pruned_inputs, pruned_outputs = random_request(model, inputs, 5, 0.4, "both")
+    asked = {w for w, _ in pruned_inputs}
+    assert "conv.weight" in asked, "the standardised convolution is a consumer the request can name"
+    spec, pruned, _ = assert_invariant(
+        model, inputs, tmp_path, pruned_inputs=pruned_inputs, pruned_outputs=pruned_outputs, constrained=constrained
+    )
+    asked_outputs = {ch for w, ch in pruned_outputs if w == "conv.weight"}
+    # Output channels (filters, their gains, the depthwise filters after them) go as asked (and those the head's
+    # pruned inputs free)...
+    assert 0 < pruned.conv.out_channels <= 12 - len(asked_outputs)
+    assert pruned.conv.gain.shape[0] == pruned.depthwise.weight.shape[0] == pruned.conv.out_channels
+    # ...input channels stay, with the reason.
+    assert pruned.conv.in_channels == 8
+    reasons = {k.reason for k in spec.kept if k.tensor == "conv.weight"}
+    assert reasons == {"is read by a weight standardised over its input channels"}, reasons

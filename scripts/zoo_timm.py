@@ -1,0 +1,376 @@
+"""timm coverage sweep: one model per timm architecture family, random pruning patterns, both modes.
+
+    python scripts/zoo_timm.py                           # every family; writes out/zoo_timm.json and docs/coverage.md
+    python scripts/zoo_timm.py --family convnext nfnet    # some families; merges into out/zoo_timm.json (add --docs)
+    python scripts/zoo_timm.py --docs-only                # the table from out/zoo_timm.json as it is
+
+Start reading at `main`. A family is a module of `timm.models` (`timm.list_modules()`); its model is the variant with
+the fewest parameters (counted on the meta device, so nothing is computed), with a 10-class head. Each model runs in
+fresh worker processes of this script, as in `scripts/zoo.py`, whose workers, request drawing and comparison this
+reuses:
+
+1. The plan worker first probes (`probe`) the smallest square input the model accepts (`SIZES`; built with
+   `img_size` when its class takes one, as timm's vision transformers do) and times a dense float64 forward there:
+   a model slower than `--slow` seconds is skipped, with the reason in the table. Then `zoo.plan_worker` plans the
+   three random patterns (pruned inputs, pruned outputs, both) in both modes and stores the specs.
+2. `zoo.apply_worker` applies each in a fresh process and compares the pruned model with the mock.
+
+The table lists, per family, the result of each mode, the share of the requested weight entries the plans removed
+(`zoo.removed_share`: "kept everything, honestly" shows as 0 %), and under it the reasons channels were kept,
+grouped over families. timm is a zoo extra, never a dependency of prunespec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts import zoo  # noqa: E402  (the worker runs this file as a script)
+
+ROOT = zoo.ROOT
+SIZES = (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 384)  # input sides tried, smallest first
+SLOW_S = 20.0  # a dense float64 forward slower than this (batch 2) is skipped: planning and applying run it often
+DOCS_START, DOCS_END = "<!-- zoo-timm:start -->", "<!-- zoo-timm:end -->"
+OUT = ROOT / "out" / "zoo_timm.json"
+
+
+# ---------------------------------------------------------------------------------------------------------- models
+
+
+def smallest_per_family(cache: Path = ROOT / "out" / "zoo_timm_families.json") -> dict[str, tuple[str, int]]:
+    """Each timm family (module of timm.models) -> its model with the fewest parameters, and that count.
+
+    Building every variant on the meta device takes minutes; the choice is cached per timm version in `cache`.
+    """
+    import timm
+
+    if cache.exists():
+        stored = json.loads(cache.read_text())
+        if stored.get("timm") == timm.__version__:
+            return {f: (n, c) for f, (n, c) in stored["families"].items()}
+    chosen: dict[str, tuple[str, int]] = {}
+    for family in timm.list_modules():
+        for name in timm.list_models(module=family):
+            try:
+                with torch.device("meta"):
+                    count = sum(p.numel() for p in timm.create_model(name, num_classes=10).parameters())
+            except Exception:  # noqa: BLE001 -- a variant that cannot be built is not the family's smallest
+                continue
+            if family not in chosen or count < chosen[family][1]:
+                chosen[family] = (name, count)
+    zoo.save({"timm": timm.__version__, "families": chosen}, cache)
+    return chosen
+
+
+def create(name: str, size: int | None, img_size: bool) -> nn.Module:
+    """timm's model without pretrained weights, seeded, float64, eval, with 10 classes (and `img_size=size`)."""
+    import timm
+
+    torch.manual_seed(zoo.SEED)
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 10}
+    if img_size:
+        kwargs["img_size"] = size
+    return timm.create_model(name, **kwargs).double().eval()
+
+
+def takes_img_size(name: str) -> bool:
+    """Whether the model's class is built for an input size (`img_size`), as timm's vision transformers are."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, num_classes=10)
+    except Exception:  # noqa: BLE001 -- the probe then reports why the model does not build
+        return False
+    return "img_size" in inspect.signature(type(model).__init__).parameters
+
+
+def probe(name: str, workdir: Path) -> None:
+    """Write `build.json`: the smallest side in `SIZES` the model runs at, whether it is built for it, and how long a
+    float64 forward of a batch of two takes there."""
+    uses_img_size = takes_img_size(name)
+    tried = []
+    for size in SIZES:
+        try:
+            model = create(name, size, uses_img_size)
+            with torch.no_grad():
+                model(torch.randn(1, 3, size, size, dtype=torch.float64))
+        except Exception as error:  # noqa: BLE001 -- too small for the model: try the next size
+            tried.append(f"{size}: {zoo.one_line(error)}")
+            continue
+        x = torch.randn(zoo.DEFAULT_BATCH, 3, size, size, dtype=torch.float64)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(x)
+        forward_s = time.perf_counter() - start
+        found = {"size": size, "img_size": uses_img_size, "forward_s": round(forward_s, 3)}
+        (workdir / "build.json").write_text(json.dumps(found))
+        return
+    (workdir / "build.json").write_text(json.dumps({"size": None, "tried": tried[-1:]}))
+
+
+def builder(workdir: Path):
+    """The `zoo.Builder` for the model probed into `workdir`."""
+    found = json.loads((workdir / "build.json").read_text())
+
+    def build(name: str, size: int | None) -> nn.Module:
+        model = create(name, found["size"], found["img_size"])
+        if size is not None:
+            zoo.randomize(model, size)
+        return model
+
+    return build
+
+
+# ---------------------------------------------------------------------------------------------------- orchestrator
+
+
+def run_model(family: str, name: str, timeout: float, threads: int, slow_s: float) -> dict[str, Any]:
+    """Probe, plan and apply one model in fresh processes; never raises."""
+    entry: dict[str, Any] = {"family": family, "model": name, "batch": zoo.DEFAULT_BATCH}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"zoo-timm-{name}-") as tmp:
+        workdir = Path(tmp)
+        worker = [sys.executable, str(Path(__file__).resolve()), "--worker", "--dir", tmp, "--model", name,
+                  "--threads", str(threads)]  # fmt: skip
+        problem = zoo._run_worker(worker + ["--stage", "plan", "--slow", str(slow_s)], timeout)
+        found = json.loads((workdir / "build.json").read_text()) if (workdir / "build.json").exists() else {}
+        entry["size"] = found.get("size")
+        entry["forward_s"] = found.get("forward_s")
+        if found.get("size") is None or found["forward_s"] > slow_s:
+            if found.get("size") is None:
+                tried = "; ".join(found.get("tried", []))
+                why = problem or f"runs at none of the sizes {SIZES[0]}..{SIZES[-1]} ({tried})"
+            else:
+                why = f"a dense float64 forward takes {found['forward_s']:.0f} s (limit {slow_s:.0f} s)"
+            entry.update(skipped=why, wall_s=round(time.perf_counter() - start, 1))
+            return entry
+        plan_path = workdir / "plan.json"
+        plan = json.loads(plan_path.read_text()) if plan_path.exists() else {"records": {}}
+        records: dict[str, dict[str, Any]] = plan["records"]
+        entry["input_dependence"] = plan.get("input_dependence")
+        if problem is not None:
+            entry["plan_problem"] = problem
+        if any("spec" in r for r in records.values()):
+            applied, problem = zoo._run_apply(worker + ["--stage", "apply"], timeout)
+            for key, result in applied.items():
+                if key is not None:
+                    records[key].update({k: v for k, v in result.items() if k != "key"})
+            for record in records.values():
+                if "spec" in record and "status" not in record:
+                    record.update(status="error", stage="apply", reason=problem or "no result from apply worker")
+        for mode in zoo.MODES:
+            for side in zoo.SIDES:
+                record = records.setdefault(f"{mode}-{side}", {"mode": mode, "side": side})
+                if "status" not in record:
+                    record.update(status="error", stage="plan", reason=entry.get("plan_problem", "no plan result"))
+    entry["results"] = records
+    entry["wall_s"] = round(time.perf_counter() - start, 1)
+    return entry
+
+
+# ------------------------------------------------------------------------------------------------------- the table
+
+
+def generic(reason: str) -> str:
+    """A keep reason without the layer names and counts in it, so that reasons group over models.
+
+    >>> generic("blocks.0.mlp.fc2.weight is used 3 times in forward")
+    '<layer> is used N times in forward'
+    """
+    reason = re.sub(r"'[^']*'", lambda m: m.group(0) if "." not in m.group(0) else "<layer>", reason)
+    reason = re.sub(r"\b[\w-]+(\.[\w-]+)+\b", "<layer>", reason)
+    return re.sub(r"\b\d+\b", "N", reason)
+
+
+def mode_summary(entry: dict[str, Any], mode: str) -> tuple[str, float | None]:
+    """The cell of one (family, mode): the worst status over the three patterns, and the mean removed share."""
+    records = [entry["results"][f"{mode}-{side}"] for side in zoo.SIDES]
+    shares = [r["requested_removed"] for r in records if r.get("requested_removed") is not None]
+    share = sum(shares) / len(shares) if shares else None
+    worst = min(records, key=lambda r: zoo.STATUS_ORDER.index(r["status"]))
+    if worst["status"] == "pass":
+        return "pass", share
+    hit = [r for r in records if r["status"] == worst["status"]]
+    sides = "" if len(hit) == len(records) else f" [{', '.join(r['side'] for r in hit)}]"
+    if worst["status"] == "fail":
+        return f"FAIL {worst.get('reason', '')}{sides}", share
+    reason = worst.get("reason", "")
+    reason = reason if len(reason) <= 110 else reason[:107] + "..."
+    return f"{worst['status']}: {reason}{sides}".replace("|", "\\|"), share
+
+
+def totals(results: dict[str, Any]) -> Counter:
+    count: Counter = Counter()
+    for entry in results["models"].values():
+        if "skipped" in entry:
+            count["skipped"] += 1
+            continue
+        for mode in zoo.MODES:
+            count[mode_summary(entry, mode)[0].split(":")[0].split(" ")[0]] += 1
+    return count
+
+
+def render_table(results: dict[str, Any]) -> str:
+    models = results["models"]
+    count = totals(results)
+    shares = [s for e in models.values() if "skipped" not in e for m in zoo.MODES
+              if (s := mode_summary(e, m)[1]) is not None]  # fmt: skip
+    mean_share = f"{100 * sum(shares) / len(shares):.0f} %" if shares else "n/a"
+    cells = ", ".join(f"{count[s]} {s}" for s in ("pass", "FAIL", "refused", "error") if count[s])
+    lines = [
+        f"`{results['command']}` on {results['date']}, torch {results['torch']}, timm {results['timm']}: "
+        f"{len(models)} families ({count['skipped']} skipped), {cells} (family, mode) cells; on average the plans "
+        f"removed {mean_share} of the requested weight entries. Each cell covers three random patterns (pruned "
+        f"inputs, pruned outputs, both; each channel picked with probability {zoo.FRACTION}), planned, stored and "
+        f"applied in a fresh process; `pass` means max |pruned - mock| <= {zoo.TOLERANCE:g} x max(1, max |mock|) in "
+        "float64 for all three. `removed` is the share of the requested weight entries (rows and columns of the "
+        "requested channels) that the plans removed, averaged over the three patterns: 0 % means the planner kept "
+        "everything asked for, with its reasons below. Details: `out/zoo_timm.json`.",
+        "",
+        "| family | model | input | unconstrained | removed | constrained | removed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for family in sorted(models):
+        entry = models[family]
+        size = f"{entry['batch']}x3x{entry['size']}x{entry['size']}" if entry.get("size") else "-"
+        if "skipped" in entry:
+            why = entry["skipped"].replace("|", "\\|")
+            lines.append(f"| {family} | {entry['model']} | {size} | skipped: {why[:140]} | | | |")
+            continue
+        row = [family, entry["model"], size]
+        for mode in zoo.MODES:
+            status, share = mode_summary(entry, mode)
+            row += [status, f"{100 * share:.0f} %" if share is not None else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    reasons: dict[str, set[str]] = defaultdict(set)
+    notes: Counter = Counter()
+    for family, entry in models.items():
+        for record in entry.get("results", {}).values():
+            for reason, n in record.get("kept_reasons", {}).items():
+                reasons[generic(reason)].add(family)
+                notes[generic(reason)] += n
+    lines += [
+        "",
+        "Why requested channels were kept, over all families and patterns (notes: kept channel groups, counted once "
+        "per plan):",
+        "",
+        "| reason | families | notes |",
+        "|---|---|---|",
+    ]
+    for reason, families in sorted(reasons.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        shown = ", ".join(sorted(families)[:8]) + (f", ... ({len(families)})" if len(families) > 8 else "")
+        lines.append(f"| {reason.replace('|', chr(92) + '|')} | {shown} | {notes[reason]} |")
+    return "\n".join(lines)
+
+
+def write_docs(table: str, page: Path = zoo.DOCS_PAGE) -> None:
+    text = page.read_text()
+    block = f"{DOCS_START}\n{table}\n{DOCS_END}"
+    if DOCS_START in text and DOCS_END in text:
+        head, rest = text.split(DOCS_START, 1)
+        text = head + block + rest.split(DOCS_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## Coverage of the timm families\n\n" + block + "\n"
+    page.write_text(text)
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", nargs="+", help="timm.models modules, e.g. convnext nfnet coat")
+    parser.add_argument("--jobs", type=int, default=2, help="models at once")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per worker process")
+    parser.add_argument("--slow", type=float, default=SLOW_S, help="skip models whose dense forward takes longer")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--docs", action=argparse.BooleanOptionalAction, default=None,
+                        help="rewrite the table in docs/coverage.md (default: only when running every family)")
+    parser.add_argument("--docs-only", action="store_true", help="only rewrite the table from --out")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", choices=["plan", "apply"], help=argparse.SUPPRESS)
+    parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)  # fmt: skip
+
+    if args.worker:
+        torch.set_num_threads(args.threads)
+        if args.stage == "plan":  # probing first saves a process start (torch and timm take seconds to import)
+            probe(args.model, args.dir)
+            found = json.loads((args.dir / "build.json").read_text())
+            if found["size"] is not None and found["forward_s"] <= args.slow:
+                zoo.plan_worker(args.model, args.dir, found["size"], zoo.DEFAULT_BATCH, build=builder(args.dir))
+        else:
+            zoo.apply_worker(args.model, args.dir, build=builder(args.dir))
+        return 0
+    if args.docs_only:
+        write_docs(render_table(json.loads(args.out.read_text())))
+        return 0
+
+    import timm
+
+    start = time.perf_counter()
+    chosen = smallest_per_family()
+    families = sorted(chosen)
+    if args.family:
+        unknown = sorted(set(args.family) - set(families))
+        if unknown:
+            raise SystemExit(f"error: unknown timm famil{'ies' if len(unknown) > 1 else 'y'}: {', '.join(unknown)}")
+        families = [f for f in families if f in args.family]
+    results: dict[str, Any] = {"models": {}}
+    if args.family and args.out.exists():
+        results = json.loads(args.out.read_text())  # merge: the families run now replace their old entries
+    results.update(
+        command="python scripts/zoo_timm.py",
+        date=datetime.datetime.now().strftime("%Y-%m-%d"),
+        torch=torch.__version__,
+        timm=timm.__version__,
+        tolerance=zoo.TOLERANCE,
+    )
+    jobs = max(1, args.jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    done = 0
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {
+            pool.submit(run_model, f, chosen[f][0], args.timeout, threads, args.slow): f for f in families
+        }
+        for future in as_completed(futures):
+            family = futures[future]
+            entry = future.result()
+            results["models"][family] = entry
+            zoo.save(results, args.out)
+            done += 1
+            if "skipped" in entry:
+                line = f"skipped: {entry['skipped']}"
+            else:
+                line = "  ".join(f"{m}: {mode_summary(entry, m)[0]}" for m in zoo.MODES)
+            print(f"[{done}/{len(families)}] {family} {entry['model']} {entry['wall_s']}s  {line}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    results["wall_s"] = round(time.perf_counter() - start, 1)
+    zoo.save(results, args.out)
+    if args.docs or (args.docs is None and not args.family):
+        write_docs(render_table(results))
+        print(f"{zoo.DOCS_PAGE.relative_to(ROOT)} timm table updated", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
