@@ -3,6 +3,8 @@
 - a module reached from several places (CoaT's shared convolutional position encoding, `mlp2 = mlp3 = mlp4`);
 - weight standardisation (NFNets' `ScaledStdConv2d`, BiT's `StdConv2d`): the weight is normalised per filter in
   forward, so output channels prune exactly and input channels stay, with the reason;
+- global response normalisation (ConvNeXt-V2's GRN): channels divided by their mean over the channel axis, a norm
+  over channels, kept by default and run on the kept channels under `through_norms`, while the rest prunes.
 
 Each test plans random patterns, stores and reloads the spec, and checks the pruned model against the mock in
 float64 (`tests/invariant.py`), plus what the trick needs: the model left untouched, which channels go and which
@@ -117,3 +119,59 @@ def test_standardised_weight_prunes_its_filters(constrained: bool, tmp_path) -> 
     assert pruned.conv.in_channels == 8
     reasons = {k.reason for k in spec.kept if k.tensor == "conv.weight"}
     assert reasons == {"is read by a weight standardised over its input channels"}, reasons
+
+
+# ------------------------------------------------------------------------------------ global response normalisation
+
+
+class ResponseNorm(nn.Module):
+    """Global response normalisation on a channels-last input, written as timm's GlobalResponseNorm is."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim))
+        self.bias = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_g = x.norm(p=2, dim=(1, 2), keepdim=True)
+        x_n = x_g / (x_g.mean(dim=-1, keepdim=True) + 1e-6)
+        return x + torch.addcmul(self.bias.view(1, 1, 1, -1), self.weight.view(1, 1, 1, -1), x * x_n)
+
+
+class ResponseNormBlock(nn.Module):
+    """A ConvNeXt-V2 block without its layer norm: depthwise convolution, then an MLP with GRN, on a residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dwconv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc1, self.grn, self.fc2 = nn.Linear(8, 16), ResponseNorm(16), nn.Linear(16, 8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.fc2(self.grn(F.gelu(self.fc1(y)))).permute(0, 3, 1, 2)
+        return self.head(x + y)
+
+
+@pytest.mark.parametrize("through_norms", [False, True], ids=["default", "through_norms"])
+@pytest.mark.parametrize("constrained", MODES, ids=MODE_IDS)
+def test_response_norm_is_a_norm_over_channels(constrained: bool, through_norms: bool, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = ResponseNormBlock().double().eval()
+    inputs = [torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))]
+    pruned_inputs, pruned_outputs = random_request(model, inputs, 2, 0.4, "both")
+    spec, pruned, _ = assert_invariant(model, inputs, tmp_path, pruned_inputs=pruned_inputs,
+                                       pruned_outputs=pruned_outputs, constrained=constrained,
+                                       through_norms=through_norms)  # fmt: skip
+    # The residual stream prunes either way...
+    assert pruned.stem.out_channels < 8
+    hidden = pruned.fc1.out_features
+    if through_norms:  # ...and the hidden channels go too: the pruned GRN takes its mean over those it keeps
+        assert hidden < 16 and pruned.grn.weight.shape[0] == pruned.fc2.in_features == hidden
+        assert spec.layers["grn"].normalises is not None
+    else:  # ...while the channels GRN normalises together stay, with the reason
+        assert hidden == 16
+        reasons = {k.reason for k in spec.kept if k.tensor in ("fc1.weight", "fc2.weight")}
+        assert reasons == {"is reduced over its channels"}, reasons
