@@ -54,11 +54,13 @@ clean:
 	rm -rf $(OUT) build dist *.egg-info .pytest_cache .hypothesis
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
-# Plan and apply random patterns on every torchvision model (about half an hour on two cores); writes out/zoo.json
-# and the table in docs/coverage.md. `$(PYTHON) scripts/zoo.py --models NAME ...` reruns some models.
+# Plan and apply random patterns on every torchvision model (about half an hour on two cores), then on one model per
+# timm family (scripts/zoo_timm.py); writes out/zoo.json, out/zoo_timm.json and the tables in docs/coverage.md.
+# `$(PYTHON) scripts/zoo.py --models NAME ...` and `$(PYTHON) scripts/zoo_timm.py --family NAME ...` rerun some.
 .PHONY: zoo
 zoo: install
 	$(PYTHON) scripts/zoo.py
+	$(PYTHON) scripts/zoo_timm.py
 
 # Time planning, applying and the pruned models' latency against apple-upscale (the reference implementation of the
 # UPSCALE paper) and Torch-Pruning (25-45 minutes on two cores); writes out/bench.json and the CPU tables of

@@ -5,7 +5,8 @@
     python scripts/zoo_timm.py --docs-only                # the table from out/zoo_timm.json as it is
 
 Start reading at `main`. A family is a module of `timm.models` (`timm.list_modules()`); its model is the variant with
-the fewest parameters (counted on the meta device, so nothing is computed), with a 10-class head. Each model runs in
+the fewest parameters among a few candidates that its names mark small (`candidates`; counted on the meta device, so
+nothing is computed; the choice is stored in scripts/zoo_timm_families.json), with a 10-class head. Each model runs in
 fresh worker processes of this script, as in `scripts/zoo.py`, whose workers, request drawing and comparison this
 reuses:
 
@@ -46,6 +47,7 @@ from scripts import zoo  # noqa: E402  (the worker runs this file as a script)
 ROOT = zoo.ROOT
 SIZES = (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 384)  # input sides tried, smallest first
 SLOW_S = 20.0  # a dense float64 forward slower than this (batch 2) is skipped: planning and applying run it often
+MAX_PARAMETERS = 100_000_000  # more is skipped: float64 copies of the model (mock, pruned, state dict) need GBs each
 DOCS_START, DOCS_END = "<!-- zoo-timm:start -->", "<!-- zoo-timm:end -->"
 OUT = ROOT / "out" / "zoo_timm.json"
 
@@ -53,20 +55,49 @@ OUT = ROOT / "out" / "zoo_timm.json"
 # ---------------------------------------------------------------------------------------------------------- models
 
 
-def smallest_per_family(cache: Path = ROOT / "out" / "zoo_timm_families.json") -> dict[str, tuple[str, int]]:
-    """Each timm family (module of timm.models) -> its model with the fewest parameters, and that count.
+# Words timm's model names use for their smaller variants, smallest first: `candidates` counts the parameters of the
+# few variants of a family that these words (then the shortest names) put first, not of all ~1,400 models.
+SMALL_WORDS = ("atto", "femto", "pico", "nano", "mini", "xxxs", "xxs", "xs", "micro", "tiny", "t", "s", "small", "lite",
+               "050", "075", "100", "b0", "18", "26")  # fmt: skip
+CANDIDATES = 6
+FAMILIES_FILE = Path(__file__).resolve().parent / "zoo_timm_families.json"
 
-    Building every variant on the meta device takes minutes; the choice is cached per timm version in `cache`.
+# Variants swept besides each family's smallest, for a channel trick the smallest does not play: family -> models.
+EXTRA = {
+    "convnext": ["convnextv2_atto"],  # global response normalisation
+    "resnetv2": ["resnetv2_50x1_bit"],  # weight-standardised convolutions (StdConv2d)
+    "nfnet": ["nf_resnet26"],  # scaled weight standardisation (ScaledStdConv2d)
+}
+
+
+def candidates(names: list[str], n: int = CANDIDATES) -> list[str]:
+    """The `n` names most likely to be a family's smallest variant.
+
+    >>> candidates(["vit_base_patch16_224", "vit_tiny_patch16_224", "vit_small_patch16_224"], 2)
+    ['vit_tiny_patch16_224', 'vit_small_patch16_224']
     """
+
+    def rank(name: str) -> tuple[int, int]:
+        words = name.replace("-", "_").split("_")
+        found = [i for i, w in enumerate(SMALL_WORDS) if w in words or any(p.startswith(w) for p in words[1:2])]
+        return (min(found) if found else len(SMALL_WORDS), len(name))
+
+    return sorted(names, key=rank)[:n]
+
+
+def smallest_per_family(path: Path = FAMILIES_FILE) -> dict[str, tuple[str, int]]:
+    """Each timm family (module of timm.models) -> its model with the fewest parameters among its `candidates`,
+    and that count (on the meta device: nothing is computed). Stored in `path` per timm version, since building
+    the candidates takes minutes."""
     import timm
 
-    if cache.exists():
-        stored = json.loads(cache.read_text())
+    if path.exists():
+        stored = json.loads(path.read_text())
         if stored.get("timm") == timm.__version__:
             return {f: (n, c) for f, (n, c) in stored["families"].items()}
     chosen: dict[str, tuple[str, int]] = {}
     for family in timm.list_modules():
-        for name in timm.list_models(module=family):
+        for name in candidates(timm.list_models(module=family)):
             try:
                 with torch.device("meta"):
                     count = sum(p.numel() for p in timm.create_model(name, num_classes=10).parameters())
@@ -74,7 +105,8 @@ def smallest_per_family(cache: Path = ROOT / "out" / "zoo_timm_families.json") -
                 continue
             if family not in chosen or count < chosen[family][1]:
                 chosen[family] = (name, count)
-    zoo.save({"timm": timm.__version__, "families": chosen}, cache)
+        print(f"{family}: {chosen.get(family)}", file=sys.stderr, flush=True)
+    path.write_text(json.dumps({"timm": timm.__version__, "families": chosen}, indent=1) + "\n")
     return chosen
 
 
@@ -236,7 +268,8 @@ def render_table(results: dict[str, Any]) -> str:
     cells = ", ".join(f"{count[s]} {s}" for s in ("pass", "FAIL", "refused", "error") if count[s])
     lines = [
         f"`{results['command']}` on {results['date']}, torch {results['torch']}, timm {results['timm']}: "
-        f"{len(models)} families ({count['skipped']} skipped), {cells} (family, mode) cells; on average the plans "
+        f"{len({e['family'] for e in models.values()})} families in {len(models)} rows ({count['skipped']} skipped), "
+        f"{cells} (row, mode) cells; on average the plans "
         f"removed {mean_share} of the requested weight entries. Each cell covers three random patterns (pruned "
         f"inputs, pruned outputs, both; each channel picked with probability {zoo.FRACTION}), planned, stored and "
         f"applied in a fresh process; `pass` means max |pruned - mock| <= {zoo.TOLERANCE:g} x max(1, max |mock|) in "
@@ -300,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="models at once")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per worker process")
     parser.add_argument("--slow", type=float, default=SLOW_S, help="skip models whose dense forward takes longer")
+    parser.add_argument("--max-parameters", type=float, default=MAX_PARAMETERS, help="skip larger models")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--docs", action=argparse.BooleanOptionalAction, default=None,
                         help="rewrite the table in docs/coverage.md (default: only when running every family)")
@@ -329,12 +363,17 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     chosen = smallest_per_family()
-    families = sorted(chosen)
     if args.family:
-        unknown = sorted(set(args.family) - set(families))
+        unknown = sorted(set(args.family) - set(chosen))
         if unknown:
             raise SystemExit(f"error: unknown timm famil{'ies' if len(unknown) > 1 else 'y'}: {', '.join(unknown)}")
-        families = [f for f in families if f in args.family]
+    rows = {}  # table row -> (family, model)
+    for family in sorted(chosen):
+        if not args.family or family in args.family:
+            rows[family] = (family, chosen[family][0])
+            for extra in EXTRA.get(family, []):
+                if extra != chosen[family][0]:
+                    rows[f"{family} ({extra})"] = (family, extra)
     results: dict[str, Any] = {"models": {}}
     if args.family and args.out.exists():
         results = json.loads(args.out.read_text())  # merge: the families run now replace their old entries
@@ -349,11 +388,16 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, (os.cpu_count() or 1) // jobs)
     done = 0
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {
-            pool.submit(run_model, f, chosen[f][0], args.timeout, threads, args.slow): f for f in families
-        }
+        futures = {}
+        for row, (family, name) in rows.items():
+            count = chosen[family][1] if name == chosen[family][0] else None
+            if count is not None and count > args.max_parameters:
+                results["models"][row] = {"family": family, "model": name, "batch": zoo.DEFAULT_BATCH,
+                                          "skipped": f"{count / 1e6:.0f} M parameters, more than --max-parameters"}
+                continue
+            futures[pool.submit(run_model, family, name, args.timeout, threads, args.slow)] = row
         for future in as_completed(futures):
-            family = futures[future]
+            family = futures[future]  # the row: the family, or the family and an extra model
             entry = future.result()
             results["models"][family] = entry
             zoo.save(results, args.out)
@@ -362,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                 line = f"skipped: {entry['skipped']}"
             else:
                 line = "  ".join(f"{m}: {mode_summary(entry, m)[0]}" for m in zoo.MODES)
-            print(f"[{done}/{len(families)}] {family} {entry['model']} {entry['wall_s']}s  {line}",
+            print(f"[{done}/{len(rows)}] {family} {entry['model']} {entry['wall_s']}s  {line}",
                   file=sys.stderr, flush=True)  # fmt: skip
     results["wall_s"] = round(time.perf_counter() - start, 1)
     zoo.save(results, args.out)
