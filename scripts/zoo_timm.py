@@ -46,8 +46,8 @@ from scripts import zoo  # noqa: E402  (the worker runs this file as a script)
 
 ROOT = zoo.ROOT
 SIZES = (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 384)  # input sides tried, smallest first
-SLOW_S = 20.0  # a dense float64 forward slower than this (batch 2) is skipped: planning and applying run it often
-MAX_PARAMETERS = 100_000_000  # more is skipped: float64 copies of the model (mock, pruned, state dict) need GBs each
+SLOW_S = 3.0  # a dense float64 forward slower than this (batch 2) is skipped: planning and applying run it often
+MAX_PARAMETERS = 30_000_000  # more is skipped: float64 copies of the model (mock, pruned, state dict) need GBs each
 DOCS_START, DOCS_END = "<!-- zoo-timm:start -->", "<!-- zoo-timm:end -->"
 OUT = ROOT / "out" / "zoo_timm.json"
 
@@ -243,6 +243,8 @@ def mode_summary(entry: dict[str, Any], mode: str) -> tuple[str, float | None]:
     sides = "" if len(hit) == len(records) else f" [{', '.join(r['side'] for r in hit)}]"
     if worst["status"] == "fail":
         return f"FAIL {worst.get('reason', '')}{sides}", share
+    if worst["status"] == "error" and worst.get("reason", "").startswith("timeout"):
+        return f"timeout: {worst['reason']} (time box; {len(records) - len(hit)} of 3 patterns done)", share
     reason = worst.get("reason", "")
     reason = reason if len(reason) <= 110 else reason[:107] + "..."
     return f"{worst['status']}: {reason}{sides}".replace("|", "\\|"), share
@@ -265,7 +267,7 @@ def render_table(results: dict[str, Any]) -> str:
     shares = [s for e in models.values() if "skipped" not in e for m in zoo.MODES
               if (s := mode_summary(e, m)[1]) is not None]  # fmt: skip
     mean_share = f"{100 * sum(shares) / len(shares):.0f} %" if shares else "n/a"
-    cells = ", ".join(f"{count[s]} {s}" for s in ("pass", "FAIL", "refused", "error") if count[s])
+    cells = ", ".join(f"{count[s]} {s}" for s in ("pass", "FAIL", "refused", "error", "timeout") if count[s])
     lines = [
         f"`{results['command']}` on {results['date']}, torch {results['torch']}, timm {results['timm']}: "
         f"{len({e['family'] for e in models.values()})} families in {len(models)} rows ({count['skipped']} skipped), "
@@ -330,8 +332,8 @@ def write_docs(table: str, page: Path = zoo.DOCS_PAGE) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", nargs="+", help="timm.models modules, e.g. convnext nfnet coat")
-    parser.add_argument("--jobs", type=int, default=2, help="models at once")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per worker process")
+    parser.add_argument("--jobs", type=int, default=4, help="models at once")
+    parser.add_argument("--timeout", type=float, default=150, help="seconds per worker process (the time box)")
     parser.add_argument("--slow", type=float, default=SLOW_S, help="skip models whose dense forward takes longer")
     parser.add_argument("--max-parameters", type=float, default=MAX_PARAMETERS, help="skip larger models")
     parser.add_argument("--out", type=Path, default=OUT)
