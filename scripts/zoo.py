@@ -166,12 +166,15 @@ def make_inputs(name: str, size: int, batch: int, seed: int = SEED) -> list[torc
     return [torch.randn(batch, 3, size, size, generator=g, dtype=torch.float64)]
 
 
-def random_request(model: nn.Module, inputs: list[torch.Tensor], seed: str, side: str, fraction: float = FRACTION):
+def random_request(
+    model: nn.Module, inputs: list[torch.Tensor], seed: str, side: str, fraction: float = FRACTION, graph=None
+):
     """Random (weight, channel) pairs: each input channel of every consumer and/or each output channel of every
-    producer is picked with probability `fraction`. The same seed gives the same pattern in both modes."""
+    producer is picked with probability `fraction`. The same seed gives the same pattern in both modes. `graph`:
+    the model's traced channel graph, if at hand."""
     from prunespec.planner.trace import trace  # the planner's own view of who consumes and produces what
 
-    graph = trace(model, inputs)
+    graph = graph if graph is not None else trace(model, inputs)
     rng = random.Random(seed)
     pruned_inputs: list[tuple[str, int]] = []
     pruned_outputs: list[tuple[str, int]] = []
@@ -184,11 +187,8 @@ def random_request(model: nn.Module, inputs: list[torch.Tensor], seed: str, side
     return pruned_inputs, pruned_outputs
 
 
-def weight_axes(model: nn.Module, inputs: list[torch.Tensor]) -> dict[str, tuple[int | None, int | None]]:
-    """(input axis, output axis) of each weight the planner sees as a consumer or producer."""
-    from prunespec.planner.trace import trace
-
-    graph = trace(model, inputs)
+def weight_axes(graph) -> dict[str, tuple[int | None, int | None]]:
+    """(input axis, output axis) of each weight the planner sees as a consumer or producer in a traced `graph`."""
     found: dict[str, list[int | None]] = {}
     for c in graph.consumers:
         found.setdefault(c.weight, [None, None])[0] = c.axis
@@ -261,9 +261,12 @@ def peak_rss_gb() -> float:
 # --------------------------------------------------------------------------------------------------------- workers
 
 
-def plan_worker(name: str, workdir: Path, size: int, batch: int, build: Builder | None = None) -> None:
+def plan_worker(
+    name: str, workdir: Path, size: int, batch: int, build: Builder | None = None, options: dict | None = None
+) -> None:
     """Plan all (mode, side) specs of one model into `workdir`; `plan.json` is rewritten after each, so a timeout
-    keeps what was done. `build(name, size)` makes the model (default: `build_model`, torchvision's)."""
+    keeps what was done. `build(name, size)` makes the model (default: `build_model`, torchvision's); `options`
+    go to `prunespec.plan` (``through_norms``)."""
     records: dict[str, dict[str, Any]] = {}
     dependence: float | None = None
 
@@ -278,12 +281,16 @@ def plan_worker(name: str, workdir: Path, size: int, batch: int, build: Builder 
     torch.save(inputs, workdir / "inputs.pt")
     dependence = input_dependence(model, inputs)
     requests = {}
+    graph = axes = None
     for side in SIDES:
         try:
-            requests[side] = random_request(model, inputs, f"{SEED}:{name}:{side}", side)
+            if graph is None:
+                from prunespec.planner.trace import trace
+
+                graph = trace(model, inputs)  # once for the three patterns
+            requests[side] = random_request(model, inputs, f"{SEED}:{name}:{side}", side, graph=graph)
         except Exception as error:  # noqa: BLE001 -- a sweep records every failure and goes on
             requests[side] = error
-    axes = None
     for mode in MODES:
         for side in SIDES:
             key = f"{mode}-{side}"
@@ -297,7 +304,7 @@ def plan_worker(name: str, workdir: Path, size: int, batch: int, build: Builder 
             record["requested"] = [len(request[0]), len(request[1])]
             start = time.perf_counter()
             try:
-                spec = prunespec.plan(model, inputs, *request, constrained=mode == "constrained")
+                spec = prunespec.plan(model, inputs, *request, constrained=mode == "constrained", **(options or {}))
             except prunespec.PlanError as error:
                 record.update(status="refused", stage="plan", reason=one_line(error))
             except Exception as error:  # noqa: BLE001
@@ -312,7 +319,7 @@ def plan_worker(name: str, workdir: Path, size: int, batch: int, build: Builder 
                     parameters_after=spec.summary.parameters_after,
                 )
                 try:
-                    axes = axes or weight_axes(model, inputs)
+                    axes = axes or weight_axes(graph)
                     record["requested_removed"] = removed_share(model, spec, *request, axes)
                 except Exception as error:  # noqa: BLE001
                     record["requested_removed_error"] = one_line(error)

@@ -3,6 +3,7 @@
     python scripts/zoo_timm.py                           # every family; writes out/zoo_timm.json and docs/coverage.md
     python scripts/zoo_timm.py --family convnext nfnet    # some families; merges into out/zoo_timm.json (add --docs)
     python scripts/zoo_timm.py --docs-only                # the table from out/zoo_timm.json as it is
+    python scripts/zoo_timm.py --docs-only --merge other.json  # first add the rows of another (partial) run
 
 Start reading at `main`. A family is a module of `timm.models` (`timm.list_modules()`); its model is the variant with
 the fewest parameters among a few candidates that its names mark small (`candidates`; counted on the meta device, so
@@ -68,6 +69,9 @@ EXTRA = {
     "resnetv2": ["resnetv2_50x1_bit"],  # weight-standardised convolutions (StdConv2d)
     "nfnet": ["nf_resnet26"],  # scaled weight standardisation (ScaledStdConv2d)
 }
+# Planning options per model. Every channel of ConvNeXt-V2 is normalised together with others (layer norms on the
+# residual stream, global response norms in the MLPs), so by default it keeps everything: its row plans through them.
+OPTIONS: dict[str, dict[str, Any]] = {"convnextv2_atto": {"through_norms": True}}
 
 
 def candidates(names: list[str], n: int = CANDIDATES) -> list[str]:
@@ -188,7 +192,11 @@ def run_model(family: str, name: str, timeout: float, threads: int, slow_s: floa
         if found.get("size") is None or found["forward_s"] > slow_s:
             if found.get("size") is None:
                 tried = "; ".join(found.get("tried", []))
-                why = problem or f"runs at none of the sizes {SIZES[0]}..{SIZES[-1]} ({tried})"
+                why = f"runs at none of the sizes {SIZES[0]}..{SIZES[-1]} ({tried})"
+                if problem is not None and problem.startswith("timeout"):
+                    why = f"finding the smallest input it takes ran past the time box ({problem})"
+                elif problem is not None:
+                    why = problem
             else:
                 why = f"a dense float64 forward takes {found['forward_s']:.0f} s (limit {slow_s:.0f} s)"
             entry.update(skipped=why, wall_s=round(time.perf_counter() - start, 1))
@@ -340,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", action=argparse.BooleanOptionalAction, default=None,
                         help="rewrite the table in docs/coverage.md (default: only when running every family)")
     parser.add_argument("--docs-only", action="store_true", help="only rewrite the table from --out")
+    parser.add_argument("--merge", type=Path, nargs="+", help="with --docs-only: add these results files to --out")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", choices=["plan", "apply"], help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
@@ -353,12 +362,20 @@ def main(argv: list[str] | None = None) -> int:
             probe(args.model, args.dir)
             found = json.loads((args.dir / "build.json").read_text())
             if found["size"] is not None and found["forward_s"] <= args.slow:
-                zoo.plan_worker(args.model, args.dir, found["size"], zoo.DEFAULT_BATCH, build=builder(args.dir))
+                zoo.plan_worker(args.model, args.dir, found["size"], zoo.DEFAULT_BATCH, build=builder(args.dir),
+                                options=OPTIONS.get(args.model))  # fmt: skip
         else:
             zoo.apply_worker(args.model, args.dir, build=builder(args.dir))
         return 0
     if args.docs_only:
-        write_docs(render_table(json.loads(args.out.read_text())))
+        results = json.loads(args.out.read_text())
+        for path in args.merge or []:  # partial runs over other families (run side by side with --out elsewhere)
+            other = json.loads(path.read_text())
+            results["models"].update(other["models"])
+            results["wall_s"] = max(results.get("wall_s", 0), other.get("wall_s", 0))
+        if args.merge:
+            zoo.save(results, args.out)
+        write_docs(render_table(results))
         return 0
 
     import timm
@@ -375,10 +392,12 @@ def main(argv: list[str] | None = None) -> int:
             rows[family] = (family, chosen[family][0])
             for extra in EXTRA.get(family, []):
                 if extra != chosen[family][0]:
-                    rows[f"{family} ({extra})"] = (family, extra)
+                    options = "".join(f", {k}" for k in OPTIONS.get(extra, {}))
+                    rows[f"{family} ({extra}{options})"] = (family, extra)
     results: dict[str, Any] = {"models": {}}
     if args.family and args.out.exists():
-        results = json.loads(args.out.read_text())  # merge: the families run now replace their old entries
+        results = json.loads(args.out.read_text())  # merge: the families run now replace their old rows
+        results["models"] = {r: e for r, e in results["models"].items() if e["family"] not in args.family}
     results.update(
         command="python scripts/zoo_timm.py",
         date=datetime.datetime.now().strftime("%Y-%m-%d"),

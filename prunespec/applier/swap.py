@@ -43,7 +43,8 @@ def once_per_slot(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict
     >>> sorted(once_per_slot(model, {"1.bias": torch.zeros(2)}))
     ['0.bias']
     """
-    named = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
     replacement: dict[int, torch.Tensor] = {}
     for name, value in tensors.items():
         replacement.setdefault(id(named[name]), value)

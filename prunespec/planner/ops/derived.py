@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from prunespec.planner.graph import Consumer, Producer
+from prunespec.planner.graph import Consumer
 from prunespec.planner.ops.base import arg, bind
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ class DerivedWeight:
     coupled: str | None  # why the layer's input axis cannot shrink, or None when it follows one to one
     followers: list[tuple[torch.Tensor, int, int]]
 
-    def record(self, tr: Tracer, consumer: Consumer | None, producer: Producer | None, made: list[int]) -> None:
+    def record(self, tr: Tracer, consumer: Consumer | None, made: list[int]) -> None:
         """After the layer rule ran: keep the layer's inputs when they are coupled, and bind the followers of the
         output axis to the channels `made` (or, for a depthwise layer, carried)."""
         if consumer is not None and self.coupled is not None:

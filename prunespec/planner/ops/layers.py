@@ -77,11 +77,11 @@ def conv(tr: Tracer, args, kwargs, out) -> None:
         tr.made_by_layer(name, bias, out)
         tr.set(out, cmap)
         if derived is not None:
-            derived.record(tr, None, None, cmap.slots)
+            derived.record(tr, None, cmap.slots)
         return
     mix(tr, name, bias, x, out, in_axis, out_axis, 1, 1, groups=groups)
     if derived is not None:
-        derived.record(tr, tr.graph.consumers[-1], tr.graph.producers[-1], tr.graph.producers[-1].slots)
+        derived.record(tr, tr.graph.consumers[-1], tr.graph.producers[-1].slots)
 
 
 @rule("linear")
@@ -98,7 +98,7 @@ def linear(tr: Tracer, args, kwargs, out) -> None:
     tr.graph.macs.append(Macs(name, out.numel() // out.shape[-1]))
     mix(tr, name, bias, x, out, 1, 0, x.ndim - 1, out.ndim - 1)
     if derived is not None:
-        derived.record(tr, tr.graph.consumers[-1], tr.graph.producers[-1], tr.graph.producers[-1].slots)
+        derived.record(tr, tr.graph.consumers[-1], tr.graph.producers[-1].slots)
 
 
 def matmul_weight(tr: Tracer, name: str, bias, x: torch.Tensor, out: torch.Tensor) -> None:
