@@ -225,6 +225,20 @@ def run_model(family: str, name: str, timeout: float, threads: int, slow_s: floa
     return entry
 
 
+def run_in_budget(family: str, name: str, args: argparse.Namespace, threads: int, start: float) -> dict[str, Any]:
+    """`run_model`, unless the sweep has run past `--budget` seconds: then the row says so."""
+    if args.budget and time.perf_counter() - start > args.budget:
+        why = f"not run: the sweep's time budget (--budget {args.budget:.0f} s) ran out before this model"
+        return {"family": family, "model": name, "batch": zoo.DEFAULT_BATCH, "skipped": why, "wall_s": 0.0}
+    return run_model(family, name, args.timeout, threads, args.slow)
+
+
+def cut_short(entry: dict[str, Any]) -> bool:
+    """Whether a row ended at a time box (of its workers or of the sweep), so that `--resume` runs it again."""
+    reasons = [entry.get("skipped", "")] + [r.get("reason", "") for r in entry.get("results", {}).values()]
+    return any(r.startswith(("timeout", "not run")) or "time box" in r for r in reasons)
+
+
 # ------------------------------------------------------------------------------------------------------- the table
 
 
@@ -262,7 +276,7 @@ def totals(results: dict[str, Any]) -> Counter:
     count: Counter = Counter()
     for entry in results["models"].values():
         if "skipped" in entry:
-            count["skipped"] += 1
+            count["not run" if entry["skipped"].startswith("not run") else "skipped"] += 1
             continue
         for mode in zoo.MODES:
             count[mode_summary(entry, mode)[0].split(":")[0].split(" ")[0]] += 1
@@ -278,7 +292,8 @@ def render_table(results: dict[str, Any]) -> str:
     cells = ", ".join(f"{count[s]} {s}" for s in ("pass", "FAIL", "refused", "error", "timeout") if count[s])
     lines = [
         f"`{results['command']}` on {results['date']}, torch {results['torch']}, timm {results['timm']}: "
-        f"{len({e['family'] for e in models.values()})} families in {len(models)} rows ({count['skipped']} skipped), "
+        f"{len({e['family'] for e in models.values()})} families in {len(models)} rows ({count['skipped']} skipped"
+        f"{f', {n} not run within the time budget' if (n := count['not run']) else ''}), "
         f"{cells} (row, mode) cells; on average the plans "
         f"removed {mean_share} of the requested weight entries. Each cell covers three random patterns (pruned "
         f"inputs, pruned outputs, both; each channel picked with probability {zoo.FRACTION}), planned, stored and "
@@ -344,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=150, help="seconds per worker process (the time box)")
     parser.add_argument("--slow", type=float, default=SLOW_S, help="skip models whose dense forward takes longer")
     parser.add_argument("--max-parameters", type=float, default=MAX_PARAMETERS, help="skip larger models")
+    parser.add_argument("--budget", type=float, default=0, help="seconds for the whole sweep; later rows say so")
+    parser.add_argument("--resume", action="store_true", help="keep the rows of --out that ran to the end")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--docs", action=argparse.BooleanOptionalAction, default=None,
                         help="rewrite the table in docs/coverage.md (default: only when running every family)")
@@ -395,11 +412,16 @@ def main(argv: list[str] | None = None) -> int:
                     options = "".join(f", {k}" for k in OPTIONS.get(extra, {}))
                     rows[f"{family} ({extra}{options})"] = (family, extra)
     results: dict[str, Any] = {"models": {}}
-    if args.family and args.out.exists():
+    if (args.family or args.resume) and args.out.exists():
         results = json.loads(args.out.read_text())  # merge: the families run now replace their old rows
-        results["models"] = {r: e for r, e in results["models"].items() if e["family"] not in args.family}
+        results["models"] = {r: e for r, e in results["models"].items() if e["family"] not in (args.family or [])}
+    if args.resume:  # rows that ran to the end stay; those cut short by a time box run again
+        results["models"] = {r: e for r, e in results["models"].items() if not cut_short(e)}
+        rows = {r: fm for r, fm in rows.items() if r not in results["models"]}
+    # Smallest models first: when the sweep's budget runs out, it has done as many families as it could.
+    rows = dict(sorted(rows.items(), key=lambda kv: chosen[kv[1][0]][1]))
     results.update(
-        command="python scripts/zoo_timm.py",
+        command="python scripts/zoo_timm.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
         date=datetime.datetime.now().strftime("%Y-%m-%d"),
         torch=torch.__version__,
         timm=timm.__version__,
@@ -416,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["models"][row] = {"family": family, "model": name, "batch": zoo.DEFAULT_BATCH,
                                           "skipped": f"{count / 1e6:.0f} M parameters, more than --max-parameters"}
                 continue
-            futures[pool.submit(run_model, family, name, args.timeout, threads, args.slow)] = row
+            futures[pool.submit(run_in_budget, family, name, args, threads, start)] = row
         for future in as_completed(futures):
             family = futures[future]  # the row: the family, or the family and an extra model
             entry = future.result()
@@ -431,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)  # fmt: skip
     results["wall_s"] = round(time.perf_counter() - start, 1)
     zoo.save(results, args.out)
-    if args.docs or (args.docs is None and not args.family):
+    if args.docs or (args.docs is None and not args.family and not args.resume):
         write_docs(render_table(results))
         print(f"{zoo.DOCS_PAGE.relative_to(ROOT)} timm table updated", file=sys.stderr)
     return 0

@@ -175,3 +175,32 @@ def test_response_norm_is_a_norm_over_channels(constrained: bool, through_norms:
         assert hidden == 16
         reasons = {k.reason for k in spec.kept if k.tensor in ("fc1.weight", "fc2.weight")}
         assert reasons == {"is reduced over its channels"}, reasons
+
+
+# ------------------------------------------------------------------------------- a split the pruned model cannot run
+
+
+class SplitInTwo(nn.Module):
+    """Channels split at a size kept as an attribute and unpacked into two, as timm's CSPNet does: pruned unevenly,
+    the split gives another number of parts and the model's own code raises a ValueError."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(3, 8, 1)
+        self.half = 4
+        self.left, self.right = nn.Conv2d(4, 5, 1), nn.Conv2d(4, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.expand(x).split(self.half, dim=1)
+        return self.left(a) + self.right(b)
+
+
+@pytest.mark.parametrize("constrained", MODES, ids=MODE_IDS)
+def test_model_code_failing_on_pruned_sizes_keeps_channels(constrained: bool, tmp_path) -> None:
+    model = SplitInTwo().double().eval()
+    inputs = [torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))]
+    spec, _, _ = assert_invariant(model, inputs, tmp_path, pruned_outputs=[("expand.weight", c) for c in range(5)],
+                                  constrained=constrained)  # fmt: skip
+    # Checking the plan runs the pruned model, which raises: the channels stay, with the split named as the reason.
+    reasons = {k.reason for k in spec.kept if k.tensor == "expand.weight"}
+    assert "is split into parts by 'split' with the part size written as a number" in reasons, reasons
