@@ -388,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(args.out.read_text())
         for path in args.merge or []:  # partial runs over other families (run side by side with --out elsewhere)
             other = json.loads(path.read_text())
+            families = {e["family"] for e in other["models"].values()}  # their rows replace the old ones
+            results["models"] = {r: e for r, e in results["models"].items() if e["family"] not in families}
             results["models"].update(other["models"])
             results["wall_s"] = max(results.get("wall_s", 0), other.get("wall_s", 0))
         if args.merge:
