@@ -284,7 +284,14 @@ def totals(results: dict[str, Any]) -> Counter:
 
 
 def render_table(results: dict[str, Any]) -> str:
-    models = results["models"]
+    models = dict(results["models"])
+    if FAMILIES_FILE.exists():  # every family has a row, also when a sweep was stopped before it
+        ran = {e["family"] for e in models.values()}
+        for family, (name, _) in json.loads(FAMILIES_FILE.read_text())["families"].items():
+            if family not in ran:
+                why = "not run: the sweep stopped before this model"
+                models[family] = {"family": family, "model": name, "batch": zoo.DEFAULT_BATCH, "skipped": why}
+    results = {**results, "models": models}
     count = totals(results)
     shares = [s for e in models.values() if "skipped" not in e for m in zoo.MODES
               if (s := mode_summary(e, m)[1]) is not None]  # fmt: skip
@@ -310,7 +317,8 @@ def render_table(results: dict[str, Any]) -> str:
         size = f"{entry['batch']}x3x{entry['size']}x{entry['size']}" if entry.get("size") else "-"
         if "skipped" in entry:
             why = entry["skipped"].replace("|", "\\|")
-            lines.append(f"| {family} | {entry['model']} | {size} | skipped: {why[:140]} | | | |")
+            why = why if why.startswith("not run") else f"skipped: {why}"
+            lines.append(f"| {family} | {entry['model']} | {size} | {why[:150]} | | | |")
             continue
         row = [family, entry["model"], size]
         for mode in zoo.MODES:
