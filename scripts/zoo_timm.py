@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             families = {e["family"] for e in other["models"].values()}  # their rows replace the old ones
             results["models"] = {r: e for r, e in results["models"].items() if e["family"] not in families}
             results["models"].update(other["models"])
+            results["command"] += f"`, `{other['command']}"  # the table names every run it shows
             results["wall_s"] = max(results.get("wall_s", 0), other.get("wall_s", 0))
         if args.merge:
             zoo.save(results, args.out)
