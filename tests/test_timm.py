@@ -204,3 +204,28 @@ def test_model_code_failing_on_pruned_sizes_keeps_channels(constrained: bool, tm
     # Checking the plan runs the pruned model, which raises: the channels stay, with the split named as the reason.
     reasons = {k.reason for k in spec.kept if k.tensor == "expand.weight"}
     assert "is split into parts by 'split' with the part size written as a number" in reasons, reasons
+
+
+# ------------------------------------------------------------------ a depthwise filter held by a module that is no conv
+
+
+class Blur(nn.Module):
+    """A fixed depthwise blur with its channel count kept as a number, as timm's BlurPool2d (TResNet) holds it."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.register_buffer("filt", torch.full((channels, 1, 3, 3), 1 / 9, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.filt, padding=1, groups=self.channels)
+
+
+@pytest.mark.parametrize("constrained", MODES, ids=MODE_IDS)
+def test_depthwise_filter_of_another_module_keeps_its_channels(constrained: bool, tmp_path) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), Blur(8), nn.Conv2d(8, 4, 1)).double().eval()
+    inputs = [torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))]
+    spec, _, _ = assert_invariant(model, inputs, tmp_path, pruned_outputs=[("0.weight", 1), ("0.weight", 5)],
+                                  constrained=constrained)  # fmt: skip
+    assert {k.reason for k in spec.kept} == {"is convolved depthwise with 1.filt, whose module holds the group count "
+                                             "as a number"}  # fmt: skip

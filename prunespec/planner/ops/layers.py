@@ -13,6 +13,7 @@ import torch
 
 from prunespec.planner.graph import Binding, Consumer, Macs, Producer
 from prunespec.planner.ops.base import arg, bind, bind_bias, input_slots, label, opaque, rule, tie_groups, untrack
+from prunespec.applier.rules import rule_for
 from prunespec.planner.ops.derived import derived_weight
 
 if TYPE_CHECKING:
@@ -72,6 +73,12 @@ def conv(tr: Tracer, args, kwargs, out) -> None:
         cmap = tr.channels(x)
         if cmap is None or cmap.axis != 1:
             return opaque(tr, args, kwargs, out)
+        owner = tr.modules.get(name.rpartition(".")[0])
+        if owner is None or "groups" not in getattr(rule_for(owner), "attributes", ()):
+            # The pruned model passes `groups` as its module holds it (timm's BlurPool2d: `groups=self.channels`),
+            # and only a convolution's rule updates that number.
+            why = f"is convolved depthwise with {name}, whose module holds the group count as a number"
+            return opaque(tr, args, kwargs, out, why)
         tr.graph.bindings.append(Binding(name, 0, cmap.slots))
         bind_bias(tr, bias, cmap.slots)
         tr.made_by_layer(name, bias, out)
