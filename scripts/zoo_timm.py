@@ -431,8 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = {r: fm for r, fm in rows.items() if r not in results["models"]}
     # Smallest models first: when the sweep's budget runs out, it has done as many families as it could.
     rows = dict(sorted(rows.items(), key=lambda kv: chosen[kv[1][0]][1]))
+    command = "python scripts/zoo_timm.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    if results.get("command"):  # rows of earlier runs stay: the table names every run it shows
+        command = f"{results['command']}`, `{command}"
     results.update(
-        command="python scripts/zoo_timm.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
+        command=command,
         date=datetime.datetime.now().strftime("%Y-%m-%d"),
         torch=torch.__version__,
         timm=timm.__version__,
