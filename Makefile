@@ -54,13 +54,15 @@ clean:
 	rm -rf $(OUT) build dist *.egg-info .pytest_cache .hypothesis
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
-# Plan and apply random patterns on every torchvision model (about half an hour on two cores), then random heads,
-# channels, hidden width and blocks on the attention families of scripts/families.py (about 20 minutes); writes
-# out/zoo.json, out/zoo_transformers.json and the tables in docs/coverage.md. `$(PYTHON) scripts/zoo.py --models
-# NAME ...` and `$(PYTHON) scripts/zoo_transformers.py --families NAME ...` rerun some.
+# Plan and apply random patterns on every torchvision model (about half an hour on two cores), on one model per
+# timm family (scripts/zoo_timm.py; an hour or more), and random heads, channels, hidden width and blocks on the
+# attention families of scripts/families.py (scripts/zoo_transformers.py, about 20 minutes); writes out/zoo*.json and
+# the tables in docs/coverage.md. `$(PYTHON) scripts/zoo.py --models NAME ...`, `$(PYTHON) scripts/zoo_timm.py
+# --family NAME ...` and `$(PYTHON) scripts/zoo_transformers.py --families NAME ...` rerun some.
 .PHONY: zoo
 zoo: install
 	$(PYTHON) scripts/zoo.py
+	$(PYTHON) scripts/zoo_timm.py
 	$(PYTHON) scripts/zoo_transformers.py
 
 # Time planning, applying and the pruned models' latency against apple-upscale (the reference implementation of the

@@ -34,6 +34,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ DEFAULT_SIZE = 64
 DEFAULT_BATCH = 2  # more than one sample, so that an op mixing the batch axis shows up
 DOCS_PAGE = ROOT / "docs" / "coverage.md"
 DOCS_START, DOCS_END = "<!-- zoo:start -->", "<!-- zoo:end -->"
+Builder = Callable[[str, "int | None"], nn.Module]  # (name, size or None for the bare architecture) -> model
 
 # The input side for models that do not run at the default sizes (32 and up): the smallest they accept.
 # ViT asserts exactly its image_size; MaxViT's window partition needs a multiple of 224.
@@ -164,12 +166,15 @@ def make_inputs(name: str, size: int, batch: int, seed: int = SEED) -> list[torc
     return [torch.randn(batch, 3, size, size, generator=g, dtype=torch.float64)]
 
 
-def random_request(model: nn.Module, inputs: list[torch.Tensor], seed: str, side: str, fraction: float = FRACTION):
+def random_request(
+    model: nn.Module, inputs: list[torch.Tensor], seed: str, side: str, fraction: float = FRACTION, graph=None
+):
     """Random (weight, channel) pairs: each input channel of every consumer and/or each output channel of every
-    producer is picked with probability `fraction`. The same seed gives the same pattern in both modes."""
+    producer is picked with probability `fraction`. The same seed gives the same pattern in both modes. `graph`:
+    the model's traced channel graph, if at hand."""
     from prunespec.planner.trace import trace  # the planner's own view of who consumes and produces what
 
-    graph = trace(model, inputs)
+    graph = graph if graph is not None else trace(model, inputs)
     rng = random.Random(seed)
     pruned_inputs: list[tuple[str, int]] = []
     pruned_outputs: list[tuple[str, int]] = []
@@ -180,6 +185,41 @@ def random_request(model: nn.Module, inputs: list[torch.Tensor], seed: str, side
         for weight, n in dict.fromkeys((p.weight, len(p.slots)) for p in graph.producers):
             pruned_outputs += [(weight, ch) for ch in range(n) if rng.random() < fraction]
     return pruned_inputs, pruned_outputs
+
+
+def weight_axes(graph) -> dict[str, tuple[int | None, int | None]]:
+    """(input axis, output axis) of each weight the planner sees as a consumer or producer in a traced `graph`."""
+    found: dict[str, list[int | None]] = {}
+    for c in graph.consumers:
+        found.setdefault(c.weight, [None, None])[0] = c.axis
+    for p in graph.producers:
+        found.setdefault(p.weight, [None, None])[1] = p.axis
+    return {w: (a[0], a[1]) for w, a in found.items()}
+
+
+def removed_share(model: nn.Module, spec: prunespec.PruningSpec, pruned_inputs, pruned_outputs, axes) -> float | None:
+    """The share of the requested weight entries (the rows and columns of the requested channels) that the plan
+    removes: 1 when everything asked for goes, 0 when the planner kept it all. None when nothing was requested."""
+    from prunespec.applier.validate import check
+
+    kept = {f"{c.name}.{t}" if c.name else t: per_axis for c in check(model, spec) for t, per_axis in c.kept.items()}
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    requested: dict[str, torch.Tensor] = {}
+    for pairs, which in ((pruned_inputs, 0), (pruned_outputs, 1)):
+        for weight, channel in pairs:
+            mask = requested.setdefault(weight, torch.zeros(tensors[weight].shape, dtype=torch.bool))
+            mask.narrow(axes[weight][which], channel, 1).fill_(True)
+    asked = gone = 0
+    for weight, mask in requested.items():
+        stays = torch.ones_like(mask)
+        for axis, indices in enumerate(kept.get(weight, [])):
+            if indices is not None:
+                keep = torch.zeros(mask.shape[axis], dtype=torch.bool)
+                keep[torch.as_tensor(indices, dtype=torch.long)] = True
+                stays &= keep.view([-1 if a == axis else 1 for a in range(mask.ndim)])
+        asked += int(mask.sum())
+        gone += int((mask & ~stays).sum())
+    return gone / asked if asked else None
 
 
 def max_difference(a: Any, b: Any) -> float:
@@ -221,9 +261,12 @@ def peak_rss_gb() -> float:
 # --------------------------------------------------------------------------------------------------------- workers
 
 
-def plan_worker(name: str, workdir: Path, size: int, batch: int) -> None:
+def plan_worker(
+    name: str, workdir: Path, size: int, batch: int, build: Builder | None = None, options: dict | None = None
+) -> None:
     """Plan all (mode, side) specs of one model into `workdir`; `plan.json` is rewritten after each, so a timeout
-    keeps what was done."""
+    keeps what was done. `build(name, size)` makes the model (default: `build_model`, torchvision's); `options`
+    go to `prunespec.plan` (``through_norms``)."""
     records: dict[str, dict[str, Any]] = {}
     dependence: float | None = None
 
@@ -232,15 +275,20 @@ def plan_worker(name: str, workdir: Path, size: int, batch: int) -> None:
         tmp.write_text(json.dumps({"records": records, "input_dependence": dependence, "peak_rss_gb": peak_rss_gb()}))
         tmp.replace(workdir / "plan.json")
 
-    model = build_model(name, size)
+    model = (build or build_model)(name, size)
     inputs = make_inputs(name, size, batch)
     torch.save(model.state_dict(), workdir / "state.pt")
     torch.save(inputs, workdir / "inputs.pt")
     dependence = input_dependence(model, inputs)
     requests = {}
+    graph = axes = None
     for side in SIDES:
         try:
-            requests[side] = random_request(model, inputs, f"{SEED}:{name}:{side}", side)
+            if graph is None:
+                from prunespec.planner.trace import trace
+
+                graph = trace(model, inputs)  # once for the three patterns
+            requests[side] = random_request(model, inputs, f"{SEED}:{name}:{side}", side, graph=graph)
         except Exception as error:  # noqa: BLE001 -- a sweep records every failure and goes on
             requests[side] = error
     for mode in MODES:
@@ -256,7 +304,7 @@ def plan_worker(name: str, workdir: Path, size: int, batch: int) -> None:
             record["requested"] = [len(request[0]), len(request[1])]
             start = time.perf_counter()
             try:
-                spec = prunespec.plan(model, inputs, *request, constrained=mode == "constrained")
+                spec = prunespec.plan(model, inputs, *request, constrained=mode == "constrained", **(options or {}))
             except prunespec.PlanError as error:
                 record.update(status="refused", stage="plan", reason=one_line(error))
             except Exception as error:  # noqa: BLE001
@@ -270,6 +318,11 @@ def plan_worker(name: str, workdir: Path, size: int, batch: int) -> None:
                     parameters_before=spec.summary.parameters_before,
                     parameters_after=spec.summary.parameters_after,
                 )
+                try:
+                    axes = axes or weight_axes(graph)
+                    record["requested_removed"] = removed_share(model, spec, *request, axes)
+                except Exception as error:  # noqa: BLE001
+                    record["requested_removed_error"] = one_line(error)
                 if spec.summary.parameters_after >= spec.summary.parameters_before:
                     reasons = Counter(k.reason for k in spec.kept).most_common(1)
                     why = f" (most kept: {reasons[0][0]})" if reasons else ""
@@ -281,10 +334,11 @@ def plan_worker(name: str, workdir: Path, size: int, batch: int) -> None:
     write()
 
 
-def apply_worker(name: str, workdir: Path) -> None:
-    """Apply each stored spec to a model rebuilt from the saved state dict; one JSON line per spec on stdout."""
+def apply_worker(name: str, workdir: Path, build: Builder | None = None) -> None:
+    """Apply each stored spec to a model rebuilt from the saved state dict; one JSON line per spec on stdout.
+    `build(name, None)` makes the architecture (default: `build_model`)."""
     records = json.loads((workdir / "plan.json").read_text())["records"]
-    model = build_model(name)
+    model = (build or build_model)(name, None)
     model.load_state_dict(torch.load(workdir / "state.pt", mmap=True, weights_only=True))
     inputs = torch.load(workdir / "inputs.pt", weights_only=True)
     original_parameters = sum(p.numel() for p in model.parameters())

@@ -239,6 +239,25 @@ def test_resnet18_end_to_end(tmp_path: Path) -> None:
     assert torch.export.load(out).module()(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
 
+def test_timm_model_plans_and_applies(tmp_path: Path) -> None:
+    """`plan timm:NAME` on a weight-standardised network (NFNet): the standardised filters are named and go."""
+    pytest.importorskip("timm")
+    spec_path = tmp_path / "nf.prunespec.json"
+    result = invoke(
+        "plan", "timm:nf_regnet_b0", "-o", spec_path, "--input-shape", "1x3x32x32",
+        "--prune-output", "stages.0.0.conv1.weight:0-3", "--prune-input", "head.fc.weight:0-3", cwd=tmp_path,
+    )  # fmt: skip
+    assert_ok(result)
+    spec = prunespec.load_spec(spec_path)
+    assert spec.model == "timm:nf_regnet_b0"
+    assert spec.layers["final_conv"].attributes["out_channels"] == 960 - 4  # the filters that fed them
+    # conv1's filters feed a standardised convolution, which needs all its input channels
+    assert "kept: is read by a weight standardised over its input channels" in result.stdout
+    result = invoke("apply", spec_path, "timm:nf_regnet_b0", "-o", tmp_path / "pruned.pt", "--verify", cwd=tmp_path)
+    assert_ok(result)
+    assert "max |pruned - mock| = " in result.stdout
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 

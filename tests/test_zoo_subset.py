@@ -1,4 +1,5 @@
-"""The fast subset of the model-zoo sweep (`scripts/zoo.py`): one model per torchvision family, both modes.
+"""The fast subset of the model-zoo sweeps (`scripts/zoo.py`, `scripts/zoo_timm.py`): one model per torchvision
+family and one timm model per kind of channel trick, both modes.
 
 Each case plans a random pattern of pruned inputs and outputs (side "both"), stores and reloads the spec, and checks
 that the pruned model computes what the mock model computes in float64 and has fewer parameters. Models, inputs
@@ -93,3 +94,51 @@ def test_zoo_subset(name: str, constrained: bool, tmp_path: Path) -> None:
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
     if constrained:
         assert stored.summary.subselections == 0
+
+
+# ------------------------------------------------------------------------------------------------------------ timm
+
+# One timm model per kind of channel trick, at the smallest input `scripts/zoo_timm.py` finds for it, batch 1. (Dual
+# paths, DPN, take as long as the rest together: the sweep covers them.)
+TIMM_SUBSET = {
+    "convnextv2_atto": 32,  # global response normalisation (a norm over channels)
+    "nf_regnet_b0": 32,  # weight-standardised convolutions with gains, squeeze-excitation
+    "coat_lite_tiny": 32,  # convolutional position encodings, factorised attention
+    "ghostnet_050": 32,  # ghost modules: cheap channels concatenated, then cut to size
+    "fasternet_t0": 32,  # partial convolutions: a split, a convolution of one part, a concatenation
+    "resnest14d": 32,  # split attention: radix groups, a softmax across them
+}
+
+
+@pytest.mark.parametrize("constrained", [False, True], ids=["unconstrained", "constrained"])
+@pytest.mark.parametrize("name", list(TIMM_SUBSET))
+def test_timm_subset(name: str, constrained: bool, tmp_path: Path) -> None:
+    pytest.importorskip("timm")
+    from scripts.zoo_timm import create, takes_img_size
+
+    key = f"timm:{name}"
+    if key not in _last:
+        _last.clear()
+        size = TIMM_SUBSET[name]
+        model = create(name, size, takes_img_size(name))
+        from scripts.zoo import randomize
+
+        randomize(model, size)
+        inputs = make_inputs(name, size, batch=1)
+        _last[key] = (model, inputs, random_request(model, inputs, f"{SEED}:{name}:both", "both"))
+    model, inputs, (pruned_inputs, pruned_outputs) = _last[key]
+    # ConvNeXt-V2 prunes only through its norms: every channel it has is normalised together by one.
+    through_norms = name == "convnextv2_atto"
+    spec = prunespec.plan(model, inputs, pruned_inputs, pruned_outputs, constrained=constrained,
+                          through_norms=through_norms)  # fmt: skip
+    path = tmp_path / f"{name}.prunespec.json"
+    spec.save(path)
+    stored = prunespec.load_spec(path)
+    with torch.no_grad():
+        expected = prunespec.mock(model, stored)(*inputs)
+        pruned = prunespec.prune(copy.deepcopy(model), stored)
+        actual = pruned(*inputs)
+    diff, scale = max_difference(actual, expected), output_scale(expected)
+    assert scale > NEAR_ZERO, "the mock's output is (almost) zero, so comparing with it says nothing"
+    assert tolerated(diff, scale), f"max |pruned - mock| = {diff:.3g} (output scale {scale:.3g})"
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from prunespec.applier.blocks import check_blocks, skip_hook
+from prunespec.applier.swap import call_with
 from prunespec.applier.validate import LayerChange, check
 from prunespec.schemas import NormChange, PruningSpec, decode_runs
 
@@ -52,8 +53,8 @@ def mock(model: nn.Module, spec: PruningSpec) -> MockPrunedModel:
         normalises = spec.layers[change.name].normalises
         if normalises is not None:
             norms.append(NormEmulation(change, normalises))
-    # A tensor that modules share (tied embeddings) is masked once, under its first name: functional_call ties the
-    # others to it, and refuses two values for one tensor.
+    # A tensor that modules share (tied embeddings) is masked once, under its first name: `call_with` gives the
+    # others the same mask.
     named = _named_tensors(model)
     first: dict[int, str] = {}
     for name, tensor in named.items():
@@ -132,7 +133,7 @@ class MockPrunedModel(nn.Module):
         hooks = [modules[n.name].register_forward_hook(n, with_kwargs=True) for n in self._norms]
         hooks += [modules[name].register_forward_hook(skip_hook) for name in self._blocks]
         try:
-            return torch.func.functional_call(self.model, masked, args, kwargs)
+            return call_with(self.model, masked, args, kwargs)
         finally:
             for hook in hooks:
                 hook.remove()

@@ -18,12 +18,12 @@ from itertools import chain
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.func import functional_call
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from prunespec.applier.rules import rule_for, runs_own_forward
+from prunespec.applier.swap import call_with
 from prunespec.errors import PlanError, on_command_line
 from prunespec.planner import ops
 from prunespec.planner.graph import Binding, ChannelGraph, ChannelMap, Fold, Renorm, SplitMap
@@ -38,6 +38,7 @@ PLAIN = (int, float, str, type(None), type(Ellipsis), torch.dtype, torch.device,
 # Ops whose output shows a parameter's entries, moved or broadcast: see `Tracer.tensor_of`.
 VIEWS = {
     "expand", "expand_as", "broadcast_to", "unsqueeze", "squeeze", "permute", "transpose", "view", "reshape", "to",
+    "view_as", "reshape_as",
     "type_as", "contiguous", "clone", "float", "double", "half", "bfloat16",
 }  # fmt: skip
 
@@ -66,7 +67,8 @@ class Tracer(TorchFunctionMode):
         # id of a parameter or buffer the model runs with -> its names (several for a tensor modules share)
         self.names: dict[int, list[str]] = {}
         named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
-        for name, t in twins.items() if twins else named:
+        self.tensors: dict[str, torch.Tensor] = dict(twins.items() if twins else named)  # name -> what runs
+        for name, t in self.tensors.items():
             self.names.setdefault(id(t), []).append(name)
         self.graph.aliases = {n: names[0] for names in self.names.values() if len(names) > 1 for n in names}
         self.current_op = ""  # the name of the op whose rule is running
@@ -80,6 +82,7 @@ class Tracer(TorchFunctionMode):
         self.decisions: dict[int, tuple[list[int], tuple, list[int]]] = {}
         self._joined: dict[int, tuple[torch.Tensor, list[tuple[str, int]]]] = {}  # see `join_tensors`
         self._views: dict[int, tuple[torch.Tensor, tuple]] = {}  # see `tensor_of`
+        self._derivations: dict[int, tuple[torch.Tensor, ops.Derivation]] = {}  # see `ops.derived`
         # For `_why_not_a_block`: id -> (sum, its operands), (ReLU output, its input), non-negative tensor.
         self._sums: dict[int, tuple[torch.Tensor, tuple]] = {}
         self._relus: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -144,7 +147,7 @@ class Tracer(TorchFunctionMode):
                 return
         name, axes = self.tensor_of(x)
         mapped = [a for a, p in enumerate(axes) if p is not None]
-        if self.current_op in ("view", "reshape"):
+        if self.current_op in ("view", "reshape", "view_as", "reshape_as"):
             found = [reshaped(x.shape, out.shape, a) for a in mapped]
             landing = [b[0] if kind == "moves" else None for kind, b in found]
         elif out.shape == x.shape and self.current_op not in ("permute", "transpose"):
@@ -158,6 +161,19 @@ class Tracer(TorchFunctionMode):
                 out_axes[b] = axes[a]
         if any(p is not None for p in out_axes):
             self._views[id(out)] = (out, (name, out_axes))
+            # Only views carry a derivation on: an entrywise f with f(0) != 0 breaks what `ops.derived` relies on.
+            derivation = self.derivation(x) if self.current_op in VIEWS else None
+            if derivation is not None:
+                self._derivations[id(out)] = (out, derivation)
+
+    def note_derived(self, out: torch.Tensor, name: str, axes: list[int | None], derivation: ops.Derivation) -> None:
+        """Note that `out` shows parameter `name` along `axes`, computed as `derivation` says (see `ops.derived`)."""
+        self._views[id(out)] = (out, (name, axes))
+        self._derivations[id(out)] = (out, derivation)
+
+    def derivation(self, t) -> ops.Derivation | None:
+        entry = self._derivations.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0] is t else None
 
     def tensor_of(self, t) -> tuple[str, list[int | None]] | None:
         """The model tensor `t` is, or a view of, with the tensor's axis behind each of `t`'s (None: a new axis)."""
@@ -520,7 +536,7 @@ def _trace(
             with tracer:
                 try:
                     if twins:
-                        out = functional_call(model, twins, tuple(args), tie_weights=False, strict=True)
+                        out = call_with(model, twins, tuple(args))  # once per module slot: see `swap`
                     else:
                         out = model(*args)
                 except Exception as e:  # whatever the model's own forward raises

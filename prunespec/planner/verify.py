@@ -147,9 +147,11 @@ def suspects_to_pin(
         try:
             with probe:
                 actual = tree_leaves(pruned(*inputs))
-        except RuntimeError as e:
+        except Exception as e:  # noqa: BLE001 -- whatever model code raises on pruned sizes (timm's CSPNet unpacks
+            # `x.split(self.expand_chs // 2)` into two parts: a ValueError)
             where = f" in {running[-1]}" if running and running[-1] else ""
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            first = first if isinstance(e, RuntimeError) and first else f"{type(e).__name__}: {first}".rstrip(": ")
             return probe.constants or list(at_stake), None if probe.constants else f"the pruned model fails{where}: {first}"
         finally:
             for hook in hooks:

@@ -9,7 +9,8 @@ bindings in the tracer's graph. The rules live in one module per kind of op, all
 - `norms`: batch, instance, layer, group and RMS norms;
 - `shapes`: views, concatenation, splitting, indexing, axis moves;
 - `splits`: channels split over several axes (heads, groups) and when to decide how they may shrink;
-- `attention`: matrix products between activations, scaled dot-product and multi-head attention.
+- `attention`: matrix products between activations, scaled dot-product and multi-head attention;
+- `derived`: weights a module computes in forward from its own parameter (weight standardisation).
 
 The one safety rule: a rule that cannot say exactly where every output channel comes from calls `opaque`, which
 pins the slots of all inputs (they are kept) and leaves the output unlabelled. An unlabelled tensor is treated as
@@ -18,9 +19,10 @@ fixed-size wherever it meets labelled channels, so nothing downstream of it is p
 
 from prunespec.planner.ops import attention, elementwise, layers, norms, shapes  # noqa: F401  (they register)
 from prunespec.planner.ops.base import ELEMENTWISE_OPS, RULES, SAME_SHAPE_OPS, opaque
+from prunespec.planner.ops.derived import Derivation, derived_weight
 from prunespec.planner.ops.splits import split_rule
 
 # Ops that compute each entry of their output from the same entry of one tensor (and scalars).
 ENTRYWISE = frozenset(ELEMENTWISE_OPS) | frozenset(SAME_SHAPE_OPS)
 
-__all__ = ["ENTRYWISE", "RULES", "opaque", "split_rule"]
+__all__ = ["ENTRYWISE", "RULES", "Derivation", "derived_weight", "opaque", "split_rule"]

@@ -27,7 +27,7 @@ ELEMENTWISE_OPS = (
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "true_divide", "where", "maximum", "minimum",
     "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
     "__truediv__", "__rtruediv__", "__itruediv__", "clamp", "clamp_", "clip", "pow", "__pow__", "masked_fill",
-    "masked_fill_",
+    "masked_fill_", "addcmul", "addcmul_", "addcdiv", "addcdiv_", "lerp",
 )  # fmt: skip
 SAME_SHAPE_OPS = (
     "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "sigmoid", "sigmoid_", "tanh", "tanh_", "silu", "hardswish",

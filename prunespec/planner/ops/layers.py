@@ -13,6 +13,8 @@ import torch
 
 from prunespec.planner.graph import Binding, Consumer, Macs, Producer
 from prunespec.planner.ops.base import arg, bind, bind_bias, input_slots, label, opaque, rule, tie_groups, untrack
+from prunespec.applier.rules import rule_for
+from prunespec.planner.ops.derived import derived_weight
 
 if TYPE_CHECKING:
     from prunespec.planner.trace import Tracer
@@ -53,40 +55,57 @@ def conv(tr: Tracer, args, kwargs, out) -> None:
     The weight is ``[out, in/groups, *k]``, or ``[in, out/groups, *k]`` for transposed convolutions.
     """
     x, weight, bias = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
-    name = tr.name(weight)
-    if name is None:
-        return opaque(tr, args, kwargs, out, "is convolved with a weight that is not a model parameter")
-    tr.calls[name] += 1
     transposed = "transpose" in tr.current_op
-    c_in, c_out = x.shape[1], out.shape[1]
     in_axis, out_axis = (0, 1) if transposed else (1, 0)
+    name, derived = tr.name(weight), None
+    if name is None:
+        derived = derived_weight(tr, weight, out_axis, in_axis)  # computed in forward, e.g. standardised
+        if derived is None:
+            return opaque(tr, args, kwargs, out, "is convolved with a weight that is not a model parameter")
+        name = derived.name
+    tr.calls[name] += 1
+    c_in, c_out = x.shape[1], out.shape[1]
     groups = c_out // weight.shape[1] if transposed else c_in // weight.shape[1]
     kernel = math.prod(weight.shape[2:])
     unit = (x.numel() // c_in if transposed else out.numel() // c_out) * kernel
     tr.graph.macs.append(Macs(name, unit))
-    if groups == 1:
-        return mix(tr, name, bias, x, out, in_axis, out_axis, 1, 1)
-    if groups == c_in == c_out:
+    if groups == c_in == c_out and groups > 1:
         cmap = tr.channels(x)
         if cmap is None or cmap.axis != 1:
             return opaque(tr, args, kwargs, out)
+        owner = tr.modules.get(name.rpartition(".")[0])
+        if owner is None or "groups" not in getattr(rule_for(owner), "attributes", ()):
+            # The pruned model passes `groups` as its module holds it (timm's BlurPool2d: `groups=self.channels`),
+            # and only a convolution's rule updates that number.
+            why = f"is convolved depthwise with {name}, whose module holds the group count as a number"
+            return opaque(tr, args, kwargs, out, why)
         tr.graph.bindings.append(Binding(name, 0, cmap.slots))
         bind_bias(tr, bias, cmap.slots)
         tr.made_by_layer(name, bias, out)
-        return tr.set(out, cmap)
+        tr.set(out, cmap)
+        if derived is not None:
+            derived.record(tr, None, cmap.slots)
+        return
     mix(tr, name, bias, x, out, in_axis, out_axis, 1, 1, groups=groups)
+    if derived is not None:
+        derived.record(tr, tr.graph.consumers[-1], tr.graph.producers[-1].slots)
 
 
 @rule("linear")
 def linear(tr: Tracer, args, kwargs, out) -> None:
     """A linear layer mixes the last axis: weight ``[out, in]``."""
     x, weight, bias = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
-    name = tr.name(weight)
+    name, derived = tr.name(weight), None
     if name is None:
-        return opaque(tr, args, kwargs, out, "is multiplied by a weight that is not a model parameter")
+        derived = derived_weight(tr, weight, 0, 1)  # computed in forward, e.g. standardised
+        if derived is None:
+            return opaque(tr, args, kwargs, out, "is multiplied by a weight that is not a model parameter")
+        name = derived.name
     tr.calls[name] += 1
     tr.graph.macs.append(Macs(name, out.numel() // out.shape[-1]))
     mix(tr, name, bias, x, out, 1, 0, x.ndim - 1, out.ndim - 1)
+    if derived is not None:
+        derived.record(tr, tr.graph.consumers[-1], tr.graph.producers[-1].slots)
 
 
 def matmul_weight(tr: Tracer, name: str, bias, x: torch.Tensor, out: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from prunespec.planner.ops.base import arg, bind, opaque, rule, untrack
+from prunespec.planner.ops.derived import standardise
 
 if TYPE_CHECKING:
     from prunespec.planner.trace import Tracer
@@ -19,6 +20,8 @@ def batch_norm(tr: Tracer, args, kwargs, out) -> None:
     """Batch norm keeps channels one to one; its statistics and affine parameters follow them."""
     x = arg(args, kwargs, 0, "input")
     cmap = tr.channels(x)
+    if cmap is None and standardise(tr, args, kwargs, out):
+        return  # a weight computed from a parameter (`derived`)
     if cmap is None or cmap.axis != 1:
         return opaque(tr, args, kwargs, out)
     for i, key in enumerate(("running_mean", "running_var", "weight", "bias"), start=1):
