@@ -27,8 +27,6 @@ import argparse
 import copy
 import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +40,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 import prunespec
+from common import docs_parts, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS_PAGE = ROOT / "docs" / "accuracy.md"
@@ -341,28 +340,6 @@ def verdict(summary: dict[str, Any], dense: dict[str, Any]) -> str:
     )
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {os.cpu_count()} cores (torch on {torch.get_num_threads()} thread)"
-
-
-def docs_parts(page: Path) -> tuple[str, str]:
-    """`page` before the digits start marker and after the end marker; raises if either is missing.
-
-    No fallback that appends a section: the prose above the markers explains the table, so a page without them
-    would get numbers with no explanation.
-    """
-    head, start, rest = page.read_text().partition(DOCS_START)
-    _, end, tail = rest.partition(DOCS_END)
-    if not (start and end):
-        raise SystemExit(f"error: {page} has no {DOCS_START} ... {DOCS_END} section to rewrite")
-    return head, tail
-
-
 # ------------------------------------------------------------------------------------------------------------ main
 
 
@@ -382,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     criteria, amounts = (QUICK_CRITERIA, QUICK_AMOUNTS) if args.quick else (CRITERIA, AMOUNTS)
     if args.docs:
-        docs_parts(args.docs)  # fail now rather than after the study
+        docs_parts(args.docs, DOCS_START, DOCS_END)  # fail now rather than after the study
 
     # One thread: these convolutions are so small that a second thread costs more in synchronisation than it saves,
     # and on a busy machine spinning threads made training 5-8x slower. It also fixes the summation order.
@@ -431,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: a pruned model differs from its mock by {worst:.3g} > {TOLERANCE}", file=sys.stderr)
         return 1
     if args.docs:
-        head, tail = docs_parts(args.docs)
+        head, tail = docs_parts(args.docs, DOCS_START, DOCS_END)
         args.docs.write_text(f"{head}{DOCS_START}\n{text}\n{DOCS_END}{tail}")
     return 0
 

@@ -36,8 +36,6 @@ import copy
 import datetime
 import importlib.util
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -47,6 +45,7 @@ import torch
 from torch import nn
 
 import prunespec
+from common import docs_parts, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS_PAGE = ROOT / "docs" / "accuracy.md"
@@ -450,24 +449,6 @@ def amount_text(unit: str, amount: float) -> str:
     return f"{round(amount * 6)} of 6 layers" if unit.startswith("blocks") else f"{amount:.0%}"
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {os.cpu_count()} cores (torch on {torch.get_num_threads()} thread)"
-
-
-def docs_parts(page: Path) -> tuple[str, str]:
-    """`page` before the minilm start marker and after the end marker; raises if either is missing."""
-    head, start, rest = page.read_text().partition(DOCS_START)
-    _, end, tail = rest.partition(DOCS_END)
-    if not (start and end):
-        raise SystemExit(f"error: {page} has no {DOCS_START} ... {DOCS_END} section to rewrite")
-    return head, tail
-
-
 # ------------------------------------------------------------------------------------------------------------ main
 
 
@@ -491,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.docs:
-        docs_parts(args.docs)  # fail now rather than after the study
+        docs_parts(args.docs, DOCS_START, DOCS_END)  # fail now rather than after the study
     folder = model_folder()
 
     torch.set_num_threads(1)  # fixes the summation order, and the machine is shared
@@ -540,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: a pruned model differs from its mock by {worst:.3g} (relative) > {TOLERANCE}", file=sys.stderr)
         return 1
     if args.docs:
-        head, tail = docs_parts(args.docs)
+        head, tail = docs_parts(args.docs, DOCS_START, DOCS_END)
         temporary = args.docs.with_name(args.docs.name + ".tmp")
         temporary.write_text(f"{head}{DOCS_START}\n{text}\n{DOCS_END}{tail}")
         temporary.replace(args.docs)

@@ -37,8 +37,6 @@ import datetime
 import importlib.util
 import json
 import math
-import os
-import platform
 import shutil
 import sys
 import time
@@ -50,6 +48,7 @@ import torch
 import transformers
 
 import prunespec
+from common import docs_parts, machine
 from prunespec.models import checkpoint_tensors, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -367,24 +366,6 @@ def verdict(dense: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return text
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {os.cpu_count()} cores (torch on {torch.get_num_threads()} threads)"
-
-
-def docs_parts(page: Path) -> tuple[str, str]:
-    """`page` before the start marker and after the end marker; raises if either is missing."""
-    head, start, rest = page.read_text().partition(DOCS_START)
-    _, end, tail = rest.partition(DOCS_END)
-    if not (start and end):
-        raise SystemExit(f"error: {page} has no {DOCS_START} ... {DOCS_END} section to rewrite")
-    return head, tail
-
-
 # ------------------------------------------------------------------------------------------------------------ main
 
 
@@ -401,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="rewrite the table between the smollm2 markers of docs/transformers.md (or of PAGE)")
     args = parser.parse_args(argv)
     if args.docs:
-        docs_parts(args.docs)  # fail now rather than after the study
+        docs_parts(args.docs, DOCS_START, DOCS_END)  # fail now rather than after the study
     variants = [v for v in VARIANTS if v.quick or not args.quick]
     if args.source:
         return report(json.loads(args.source.read_text()), None, args.docs)
@@ -447,7 +428,7 @@ def report(results: dict[str, Any], out: Path | None, docs: Path | None) -> int:
         print(f"error: a pruned model differs from its mock by {worst:.3g} > {TOLERANCE}", file=sys.stderr)
         return 1
     if docs:
-        head, tail = docs_parts(docs)
+        head, tail = docs_parts(docs, DOCS_START, DOCS_END)
         docs.write_text(f"{head}{DOCS_START}\n{text}\n{DOCS_END}{tail}")
     return 0
 

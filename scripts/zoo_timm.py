@@ -30,7 +30,6 @@ import inspect
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import prunespec
-from invariant import TOLERANCE, assert_invariant
+from invariant import assert_invariant
 from prunespec.planner.trace import trace
 from scripts.families import FAMILIES, greedy, random_heads
 

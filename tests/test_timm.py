@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import prunespec
 from tests.invariant import assert_invariant, random_request
 
 MODES = [False, True]
