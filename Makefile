@@ -66,11 +66,12 @@ zoo: install
 	$(PYTHON) scripts/zoo_transformers.py
 
 # Time planning, applying and the pruned models' latency against apple-upscale (the reference implementation of the
-# UPSCALE paper) and Torch-Pruning (25-45 minutes on two cores); writes out/bench.json and the CPU tables of
-# docs/performance.md. `$(PYTHON) benchmarks/bench.py --quick` is a short subset; `--help` lists the `--models` and
+# UPSCALE paper) and Torch-Pruning, eager, folded, channels-last and compiled (30-60 minutes on two cores); writes
+# out/bench.json and the CPU tables of docs/performance.md. `$(PYTHON) benchmarks/bench.py --quick` is a short subset; `--help` lists the `--models` and
 # `--skip-*` options, which `make bench BENCH_ARGS="--quick"` passes on. --no-deps: apple-upscale 0.1.1 pins
 # torch==2.0.1, which would replace the pinned torch; the peers need only torch, torchvision and numpy at run time.
-# Then planning Llama-shaped models up to 70B on meta and streaming multi-gigabyte checkpoints (20-30 minutes;
+# Then transformer prefill and decode, dense against pruned (llm_latency.py, out/llm_latency.json), and planning
+# Llama-shaped models up to 70B on meta and streaming multi-gigabyte checkpoints (20-30 minutes;
 # writes out/llm_scale.json and the LLM tables of docs/performance.md; LLM_SCALE_ARGS="--skip-stream" and the like).
 .PHONY: bench
 bench: install
