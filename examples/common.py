@@ -5,8 +5,10 @@ The studies run as scripts (`python examples/digits.py`), which puts this folder
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -34,3 +36,15 @@ def docs_parts(page: Path, start: str, end: str) -> tuple[str, str]:
     if not (found_start and found_end):
         raise SystemExit(f"error: {page} has no {start} ... {end} section to rewrite")
     return head, tail
+
+
+def add_docs_option(parser: argparse.ArgumentParser, page: Path, markers: str) -> None:
+    """`--docs [PAGE]`: rewrite the study's table between its `markers` markers of `page` (or of PAGE)."""
+    parser.add_argument("--docs", nargs="?", const=page, type=Path, metavar="PAGE",
+                        help=f"rewrite the table between the {markers} markers of {page.parent.name}/{page.name} "
+                             "(or of PAGE)")  # fmt: skip
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How the study was run, for the line above its table."""
+    return f"python examples/{script}" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))

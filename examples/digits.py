@@ -40,7 +40,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 import prunespec
-from common import docs_parts, machine
+from common import add_docs_option, command_line, docs_parts, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS_PAGE = ROOT / "docs" / "accuracy.md"
@@ -348,14 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batch order and random")
     parser.add_argument("--quick", action="store_true", help=f"criteria {QUICK_CRITERIA}, amounts {QUICK_AMOUNTS}")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument(
-        "--docs",
-        nargs="?",
-        const=DOCS_PAGE,
-        type=Path,
-        metavar="PAGE",
-        help="rewrite the table between the digits markers of docs/accuracy.md (or of PAGE)",
-    )
+    add_docs_option(parser, DOCS_PAGE, "digits")
     args = parser.parse_args(argv)
     criteria, amounts = (QUICK_CRITERIA, QUICK_AMOUNTS) if args.quick else (CRITERIA, AMOUNTS)
     if args.docs:
@@ -376,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = study(dense, data, criteria, amounts, args.seed)
     worst = max(r["mock_difference"] for r in rows)
 
-    command = "python examples/digits.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("digits.py", argv)
     results = {
         "meta": {
             "command": command,

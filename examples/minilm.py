@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 import prunespec
-from common import docs_parts, machine
+from common import add_docs_option, command_line, docs_parts, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS_PAGE = ROOT / "docs" / "accuracy.md"
@@ -462,14 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
     parser.add_argument("--quick", action="store_true", help="one criterion and one amount per unit")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument(
-        "--docs",
-        nargs="?",
-        const=DOCS_PAGE,
-        type=Path,
-        metavar="PAGE",
-        help="rewrite the table between the minilm markers of docs/accuracy.md (or of PAGE)",
-    )
+    add_docs_option(parser, DOCS_PAGE, "minilm")
     args = parser.parse_args(argv)
     if args.docs:
         docs_parts(args.docs, DOCS_START, DOCS_END)  # fail now rather than after the study
@@ -490,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
-    command = "python examples/minilm.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("minilm.py", argv)
     results = {
         "meta": {
             "command": command,

@@ -48,7 +48,7 @@ import torch
 import transformers
 
 import prunespec
-from common import docs_parts, machine
+from common import add_docs_option, command_line, docs_parts, machine
 from prunespec.models import checkpoint_tensors, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -378,8 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--from", dest="source", type=Path, metavar="JSON",
                         help="print (and with --docs write) the table of an earlier run's --out file; run nothing")
-    parser.add_argument("--docs", nargs="?", const=DOCS_PAGE, type=Path, metavar="PAGE",
-                        help="rewrite the table between the smollm2 markers of docs/transformers.md (or of PAGE)")
+    add_docs_option(parser, DOCS_PAGE, "smollm2")
     args = parser.parse_args(argv)
     if args.docs:
         docs_parts(args.docs, DOCS_START, DOCS_END)  # fail now rather than after the study
@@ -398,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     dense, rows = study(variants, dense_dir, args.work, args.keep)
     worst = max(r["mock_difference"] for r in rows)
 
-    command = "python examples/smollm2.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("smollm2.py", argv)
     results = {
         "meta": {
             "command": command,

